@@ -1,0 +1,38 @@
+# Two commands matter: `make run` (set up and serve) and `make test` (set up and test).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.setup-done
+
+.PHONY: setup export triton perf test lint format clean
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): pyproject.toml scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
+	touch $@
+
+# Export the ONNX models for $$MOBILESAM_CHECKPOINT (default: the official weights).
+export: setup
+	$(PY) -m export
+
+# Serve the model repository with the real tritonserver (exports first if needed).
+triton: setup
+	$(PY) -m serving.triton
+
+# perf_analyzer tables for both models against a Triton it starts itself.
+perf: setup
+	$(PY) -m serving.perf
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
+	$(PY) -m pytest
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf build model_repository/*/[0-9]*/model.onnx model_repository/*/[0-9]*/export.json

@@ -1,0 +1,1 @@
+"""Shared settings and the local (Docker-free) Triton launcher and perf tooling."""

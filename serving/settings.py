@@ -1,0 +1,59 @@
+"""The one settings object, read from environment variables.
+
+Every process (export, the Triton launcher, perf, the proxy, the tests) reads its ports, paths
+and model names from here, so no constant is repeated between them.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+OFFICIAL_CHECKPOINT_URL = (
+    "https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt"
+)
+# SHA-256 of the official weights/mobile_sam.pt (40,728,226 bytes).
+OFFICIAL_CHECKPOINT_SHA256 = "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- model export -------------------------------------------------------------------
+    mobilesam_checkpoint: str = Field(
+        default=OFFICIAL_CHECKPOINT_URL,
+        description="Local path or http(s) URL of a MobileSAM (vit_t) state_dict checkpoint.",
+    )
+    mobilesam_checkpoint_sha256: str | None = Field(
+        default=None,
+        description="Expected SHA-256 of a downloaded checkpoint (known for the official URL).",
+    )
+    checkpoint_cache_dir: Path = Field(default=Path.home() / ".cache" / "mobilesam-triton")
+
+    # --- Triton -------------------------------------------------------------------------
+    model_repository: Path = Field(default=PROJECT_ROOT / "model_repository")
+    encoder_model: str = "mobilesam_encoder"
+    decoder_model: str = "mobilesam_decoder"
+    triton_host: str = "127.0.0.1"
+    triton_http_port: int = 8000
+    triton_grpc_port: int = 8001
+    triton_metrics_port: int = 8002
+    triton_ready_timeout_s: float = 120.0
+
+    @property
+    def triton_http_url(self) -> str:
+        return f"{self.triton_host}:{self.triton_http_port}"
+
+    @property
+    def triton_metrics_url(self) -> str:
+        return f"http://{self.triton_host}:{self.triton_metrics_port}/metrics"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

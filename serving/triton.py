@@ -1,0 +1,244 @@
+"""Run the real `tritonserver` from the nvidia-pytriton wheel, without Docker.
+
+The wheel ships Triton 2.51.0 with the Python backend. Three things make it run outside its own
+launcher (see DESIGN.md): `LD_LIBRARY_PATH` must include the wheel's bundled libraries, the 3.11
+backend stub must sit in a backend directory next to `libtriton_python.so`, and the stub finds
+numpy/onnxruntime through the first `python3` on `PATH`, so this interpreter's `bin/` goes first.
+
+`python -m serving.triton` exports the models if needed, starts Triton, waits until it is
+ready and stops it cleanly on SIGTERM or Ctrl-C. Tests and benchmarks use `TritonServer`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from serving.settings import PROJECT_ROOT, Settings, get_settings
+
+log = logging.getLogger("triton")
+
+PYTHON_STUB_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+# Per-instance shared memory between Triton and the Python stub: sized for a decoder response
+# (1 MB per prompt) so that ordinary requests never wait for the region to grow.
+PYTHON_BACKEND_SHM_BYTES = 64 * 1024 * 1024
+# How long Triton waits for open connections and in-flight requests when asked to stop.
+EXIT_TIMEOUT_S = 10
+
+
+class TritonError(RuntimeError):
+    """Triton could not be found, started, or made ready."""
+
+
+def pytriton_root() -> Path:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        raise TritonError("nvidia-pytriton is not installed: run `make setup`")
+    return Path(spec.origin).parent / "tritonserver"
+
+
+def prepare_backend_directory(work_dir: Path) -> Path:
+    """Lay out `<work_dir>/backends/python` with the library, its utils and the 3.11 stub."""
+    root = pytriton_root()
+    python_backend = work_dir / "backends" / "python"
+    python_backend.mkdir(parents=True, exist_ok=True)
+    for source in (root / "backends" / "python").iterdir():
+        if source.is_file():
+            shutil.copy2(source, python_backend / source.name)
+    stub = root / "python_backend_stubs" / PYTHON_STUB_VERSION / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonError(f"no Python backend stub for Python {PYTHON_STUB_VERSION} at {stub}")
+    shutil.copy2(stub, python_backend / stub.name)
+    return work_dir / "backends"
+
+
+def server_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    libs = pytriton_root().parent.parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        part for part in (str(libs), env.get("LD_LIBRARY_PATH", "")) if part
+    )
+    env["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), env.get("PATH", "")))
+    return env
+
+
+@dataclass
+class TritonServer:
+    """One `tritonserver` process on the given repository and ports."""
+
+    model_repository: Path
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    host: str = "127.0.0.1"
+    work_dir: Path = PROJECT_ROOT / "build" / "triton"
+    log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **overrides) -> TritonServer:
+        settings = settings or get_settings()
+        values = {
+            "model_repository": settings.model_repository,
+            "http_port": settings.triton_http_port,
+            "grpc_port": settings.triton_grpc_port,
+            "metrics_port": settings.triton_metrics_port,
+            "host": settings.triton_host,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self, backend_directory: Path) -> list[str]:
+        binary = pytriton_root() / "bin" / "tritonserver"
+        return [
+            str(binary),
+            f"--model-repository={self.model_repository.resolve()}",
+            f"--backend-directory={backend_directory}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--metrics-address={self.host}",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=true",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            "--disable-auto-complete-config",
+            f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            f"--backend-config=python,shm-default-byte-size={PYTHON_BACKEND_SHM_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={PYTHON_BACKEND_SHM_BYTES}",
+            *self.extra_args,
+        ]
+
+    def start(self) -> None:
+        backend_directory = prepare_backend_directory(self.work_dir)
+        command = self.command(backend_directory)
+        log.info("starting %s", " ".join(command))
+        output = subprocess.DEVNULL
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            output = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            command,
+            env=server_environment(),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches us; we stop Triton ourselves, in order
+        )
+
+    def is_ready(self) -> bool:
+        url = f"http://{self.http_url}/v2/health/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise TritonError(
+                    f"tritonserver exited with code {self.process.returncode}{self._log_tail()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise TritonError(f"tritonserver not ready after {timeout_s:.0f} s{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.is_file():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "; last log lines:\n" + "\n".join(tail)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)  # Triton unloads models and exits
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def export_if_needed(settings: Settings) -> None:
+    """Run the (idempotent) export in its own process: only it needs torch."""
+    subprocess.run(
+        [sys.executable, "-m", "export", "--model-repository", str(settings.model_repository)],
+        check=True,
+    )
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    settings = get_settings()
+    try:
+        export_if_needed(settings)
+    except subprocess.CalledProcessError:
+        return 1
+
+    server = TritonServer.from_settings(settings)
+
+    def terminate(signum: int, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        server.start()
+        server.wait_ready(settings.triton_ready_timeout_s)
+        log.info(
+            "ready: http %s, grpc :%d, metrics %s",
+            server.http_url,
+            server.grpc_port,
+            server.metrics_url,
+        )
+        server.process.wait()
+        return server.process.returncode or 0
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
+    except TritonError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Session fixtures: a seeded random-init checkpoint, its export, and a real Triton on free ports.
+
+The official weights cannot be downloaded here, so the tests make a checkpoint of the official
+architecture with a fixed seed and put it through the same export code as real weights. The
+exported repository lives in build/ (git-ignored) and is reused while the checkpoint is the same.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from serving.settings import PROJECT_ROOT, Settings
+from serving.triton import TritonServer
+
+BUILD = PROJECT_ROOT / "build" / "tests"
+CHECKPOINT_SEED = 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_random_checkpoint(path: Path, seed: int) -> Path:
+    """A `vit_t` state_dict with seeded random weights, saved like the official file."""
+    import torch
+    from mobile_sam import sam_model_registry
+
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        torch.save(sam_model_registry["vit_t"]().state_dict(), path)
+    return path
+
+
+def copy_repository_layout(target: Path) -> Path:
+    """The committed configs and model.py files, without any exported model."""
+    ignore = shutil.ignore_patterns("model.onnx", "*.partial", "export.json", "__pycache__")
+    for model_dir in (PROJECT_ROOT / "model_repository").iterdir():
+        if model_dir.is_dir():
+            shutil.copytree(
+                model_dir, target / model_dir.name, symlinks=True, ignore=ignore, dirs_exist_ok=True
+            )
+    return target
+
+
+@pytest.fixture(scope="session")
+def checkpoint_path() -> Path:
+    return make_random_checkpoint(
+        BUILD / f"mobilesam-random-seed{CHECKPOINT_SEED}.pt", CHECKPOINT_SEED
+    )
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        model_repository=BUILD / "model_repository",
+        triton_http_port=free_port(),
+        triton_grpc_port=free_port(),
+        triton_metrics_port=free_port(),
+        checkpoint_cache_dir=tmp_path_factory.mktemp("checkpoint-cache"),
+    )
+
+
+@pytest.fixture(scope="session")
+def model_repository(settings: Settings, checkpoint_path: Path) -> Path:
+    from export.__main__ import run_export
+
+    copy_repository_layout(settings.model_repository)
+    run_export(str(checkpoint_path), settings.model_repository)
+    return settings.model_repository
+
+
+@pytest.fixture(scope="session")
+def sam(checkpoint_path: Path):
+    """Upstream PyTorch MobileSAM with the same weights: the oracle."""
+    from export.checkpoint import load_mobilesam
+
+    return load_mobilesam(checkpoint_path)
+
+
+@pytest.fixture(scope="session")
+def triton_server(settings: Settings, model_repository: Path) -> Iterator[TritonServer]:
+    server = TritonServer.from_settings(
+        settings, log_path=BUILD / "logs" / "triton.log", work_dir=BUILD / "triton"
+    )
+    with server:
+        server.wait_ready(settings.triton_ready_timeout_s)
+        yield server
+
+
+@pytest.fixture
+def triton_client(triton_server: TritonServer):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(triton_server.http_url, concurrency=8)
+    yield client
+    client.close()

@@ -1,0 +1,210 @@
+"""The export: checkpoint handling, idempotency, graph contracts and its own verification."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from export.checkpoint import resolve_checkpoint
+from export.errors import CheckpointError, VerificationError
+from export.manifest import EXPORT_FORMAT_VERSION, ExportTarget, is_up_to_date
+from export.verify import ABSOLUTE_TOLERANCE, RELATIVE_TOLERANCE, compare_outputs
+from serving.settings import PROJECT_ROOT, Settings
+
+from .conftest import free_port
+
+
+def run_export_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def file_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A loopback HTTP server over tmp_path, standing in for the checkpoint's download host."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", tmp_path
+    server.shutdown()
+    server.server_close()
+
+
+# --- checkpoint errors are one clear line, never a traceback ------------------------------
+
+
+def test_missing_checkpoint_gives_clear_error(tmp_path: Path) -> None:
+    result = run_export_cli(
+        "--checkpoint", str(tmp_path / "nope.pt"), "--model-repository", str(tmp_path / "repo")
+    )
+    assert result.returncode == 1
+    assert "checkpoint file not found" in result.stderr
+    assert "MOBILESAM_CHECKPOINT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
+    result = run_export_cli(
+        "--checkpoint", str(corrupt), "--model-repository", str(tmp_path / "repo")
+    )
+    assert result.returncode == 1
+    assert "is not a readable PyTorch checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_architecture_checkpoint_gives_clear_error(tmp_path: Path) -> None:
+    import torch
+
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), other)
+    result = run_export_cli("--checkpoint", str(other), "--model-repository", str(tmp_path))
+    assert result.returncode == 1
+    assert "is not a MobileSAM vit_t checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_from_environment_variable(tmp_path: Path) -> None:
+    import os
+
+    env = dict(os.environ, MOBILESAM_CHECKPOINT=str(tmp_path / "from-env.pt"))
+    result = run_export_cli("--model-repository", str(tmp_path / "repo"), env=env)
+    assert result.returncode == 1
+    assert "from-env.pt" in result.stderr
+
+
+def test_download_is_verified_and_cached(file_server, tmp_path: Path) -> None:
+    base_url, served = file_server
+    payload = b"checkpoint bytes"
+    (served / "weights.pt").write_bytes(payload)
+    digest = hashlib.sha256(payload).hexdigest()
+    cache = tmp_path / "cache"
+
+    path = resolve_checkpoint(f"{base_url}/weights.pt", cache, digest)
+    assert path.read_bytes() == payload and path.parent == cache
+
+    (served / "weights.pt").unlink()  # a second resolve must not need the network
+    assert resolve_checkpoint(f"{base_url}/weights.pt", cache, digest) == path
+
+
+def test_download_with_wrong_hash_is_rejected(file_server, tmp_path: Path) -> None:
+    base_url, served = file_server
+    (served / "weights.pt").write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match=r"has SHA-256 .* expected 0{64}"):
+        resolve_checkpoint(f"{base_url}/weights.pt", tmp_path / "cache", "0" * 64)
+    assert not list((tmp_path / "cache").iterdir()), "a rejected download must not be cached"
+
+
+def test_offline_download_says_how_to_use_a_local_file(tmp_path: Path) -> None:
+    unreachable = f"http://127.0.0.1:{free_port()}/mobile_sam.pt"
+    with pytest.raises(CheckpointError, match=r"could not download .*MOBILESAM_CHECKPOINT"):
+        resolve_checkpoint(unreachable, tmp_path / "cache")
+
+
+def test_official_url_is_checked_against_the_official_hash(tmp_path: Path) -> None:
+    settings = Settings()
+    assert settings.mobilesam_checkpoint.endswith("/weights/mobile_sam.pt")
+    # Offline here: the error must come from the download, and say what to do.
+    with pytest.raises(CheckpointError, match="MOBILESAM_CHECKPOINT"):
+        resolve_checkpoint(settings.mobilesam_checkpoint, tmp_path / "cache")
+
+
+# --- idempotency and recorded metadata ------------------------------------------------------
+
+
+def test_rerun_with_same_checkpoint_does_nothing(model_repository: Path, checkpoint_path) -> None:
+    from export.__main__ import run_export
+
+    before = {p: p.stat().st_mtime_ns for p in model_repository.rglob("model.onnx")}
+    assert len(before) == 2
+    assert run_export(str(checkpoint_path), model_repository) is False
+    assert {p: p.stat().st_mtime_ns for p in model_repository.rglob("model.onnx")} == before
+
+
+def test_manifest_records_checkpoint_and_versions(
+    model_repository: Path, checkpoint_path, settings: Settings
+) -> None:
+    digest = hashlib.sha256(checkpoint_path.read_bytes()).hexdigest()
+    for name in (settings.encoder_model, settings.decoder_model):
+        manifest = ExportTarget(model_repository, name).read_manifest()
+        assert manifest["checkpoint_sha256"] == digest
+        assert manifest["export_format_version"] == EXPORT_FORMAT_VERSION
+        assert manifest["opset"] >= 17
+        assert {"torch", "onnx", "onnxruntime", "mobilesam-mirror"} <= set(manifest["libraries"])
+        assert manifest["verification"], "verification figures are recorded"
+
+
+def test_other_checkpoint_is_not_up_to_date(model_repository: Path, settings: Settings) -> None:
+    targets = [
+        ExportTarget(model_repository, settings.encoder_model),
+        ExportTarget(model_repository, settings.decoder_model),
+    ]
+    current = targets[0].read_manifest()["checkpoint_sha256"]
+    assert is_up_to_date(targets, current)
+    assert not is_up_to_date(targets, "f" * 64)
+
+
+# --- graph contracts ---------------------------------------------------------------------
+
+
+def _input_dims(path: Path) -> dict[str, list]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        tensor.name: [d.dim_param or d.dim_value for d in tensor.type.tensor_type.shape.dim]
+        for tensor in model.graph.input
+    }
+
+
+def test_encoder_graph_takes_uint8_at_any_batch(model_repository: Path, settings) -> None:
+    path = ExportTarget(model_repository, settings.encoder_model).onnx_path
+    model = onnx.load(str(path), load_external_data=False)
+    images = next(t for t in model.graph.input if t.name == "images")
+    assert images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = _input_dims(path)
+    assert dims["images"] == ["batch", 1024, 1024, 3]
+    assert dims["input_size"] == ["batch", 2]
+
+
+def test_decoder_graph_has_named_dynamic_axes(model_repository: Path, settings) -> None:
+    dims = _input_dims(ExportTarget(model_repository, settings.decoder_model).onnx_path)
+    assert dims["image_embeddings"] == ["batch", 256, 64, 64]
+    assert dims["point_coords"] == ["batch", "prompts", "points", 2]
+    assert dims["point_labels"] == ["batch", "prompts", "points"]
+    assert dims["mask_input"] == ["batch", "masks", 1, 256, 256]
+    assert dims["has_mask_input"] == ["batch", "prompts"]
+
+
+def test_verification_fails_loudly_past_tolerance() -> None:
+    expected = np.linspace(-2, 2, 100, dtype=np.float32)
+    bound = ABSOLUTE_TOLERANCE + RELATIVE_TOLERANCE * 2
+    assert compare_outputs("ok", expected + bound / 2, expected) <= bound
+    with pytest.raises(VerificationError, match="exceeds tolerance"):
+        compare_outputs("bad", expected + bound * 2, expected)
+    with pytest.raises(VerificationError, match="shape"):
+        compare_outputs("bad shape", expected[:50], expected)
+    with pytest.raises(VerificationError):
+        compare_outputs("nan", np.full_like(expected, np.nan), expected)

@@ -1,0 +1,64 @@
+"""`python -m serving.triton` (what `make triton` runs): export check, ready, clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from serving.settings import PROJECT_ROOT
+
+from .conftest import free_port
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_launcher_serves_and_stops_cleanly(
+    model_repository, checkpoint_path, stop_signal, tmp_path
+):
+    ports = {name: str(free_port()) for name in ("HTTP", "GRPC", "METRICS")}
+    env = dict(
+        os.environ,
+        MODEL_REPOSITORY=str(model_repository),
+        MOBILESAM_CHECKPOINT=str(checkpoint_path),
+        **{f"TRITON_{name}_PORT": port for name, port in ports.items()},
+    )
+    log = (tmp_path / "launcher.log").open("w")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "serving.triton"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(int(ports["HTTP"])):
+            assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()
+            assert time.monotonic() < deadline, "launcher never became ready"
+            time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['METRICS']}/metrics") as r:
+            assert r.status == 200
+
+        launcher.send_signal(stop_signal)
+        assert launcher.wait(timeout=60) == 0
+        output = (tmp_path / "launcher.log").read_text()
+        assert "are current for checkpoint" in output, "the launcher checks the export first"
+        assert not _ready(int(ports["HTTP"])), "tritonserver must be gone after the launcher"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()

@@ -3,13 +3,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup export triton perf test lint format clean
+.PHONY: setup run export triton perf test lint format clean
 
 setup: $(SETUP_STAMP)
 
 $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
 	touch $@
+
+# Set up, export if needed and serve. (The proxy joins here when it lands.)
+run: triton
 
 # Export the ONNX models for $$MOBILESAM_CHECKPOINT (default: the official weights).
 export: setup

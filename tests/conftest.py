@@ -40,13 +40,23 @@ def make_random_checkpoint(path: Path, seed: int) -> Path:
 
 
 def copy_repository_layout(target: Path) -> Path:
-    """The committed configs and model.py files, without any exported model."""
-    ignore = shutil.ignore_patterns("model.onnx", "*.partial", "export.json", "__pycache__")
-    for model_dir in (PROJECT_ROOT / "model_repository").iterdir():
-        if model_dir.is_dir():
-            shutil.copytree(
-                model_dir, target / model_dir.name, symlinks=True, ignore=ignore, dirs_exist_ok=True
-            )
+    """The committed configs and model.py files (symlinks kept), leaving exported models be.
+
+    Re-copied on every run so that config edits are picked up by the next session.
+    """
+    source = PROJECT_ROOT / "model_repository"
+    for path in source.rglob("*"):
+        if "__pycache__" in path.parts or path.name in ("model.onnx", "export.json"):
+            continue
+        destination = target / path.relative_to(source)
+        if path.is_dir() and not path.is_symlink():
+            destination.mkdir(parents=True, exist_ok=True)
+            continue
+        destination.unlink(missing_ok=True)
+        if path.is_symlink():
+            destination.symlink_to(path.readlink())
+        else:
+            shutil.copy2(path, destination)
     return target
 
 

@@ -61,8 +61,8 @@ class OpenVinoRunner:
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
         results = self.request.infer(inputs)
-        by_name = {output.get_any_name(): value for output, value in results.items()}
-        return [np.asarray(by_name[name]) for name in output_names]
+        # A port can carry several tensor names; look each output up by any of them.
+        return [np.asarray(results[self.model.output(name)]) for name in output_names]
 
 
 RUNNERS = {"onnxruntime": OnnxRuntimeRunner, "openvino": OpenVinoRunner}

@@ -10,8 +10,9 @@ VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
-# perf_analyzer (from the tritonclient 2.51.0 wheel) links against libb64.
-APT_PACKAGES=(libb64-0d)
+# libb64-0d: perf_analyzer (tritonclient 2.51.0 wheel) links against it.
+# docker-compose: the static compose checks in tests/test_docker_files.py (no engine here).
+APT_PACKAGES=(libb64-0d docker-compose)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -25,7 +26,7 @@ fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[triton,client,export,dev]"
+"$VENV/bin/python" -m pip install -q -e ".[triton,client,proxy,export,dev]"
 # The server binary needs none of PyTriton's Python dependencies (its numpy<2 pin among them).
 "$VENV/bin/python" -m pip install -q --no-deps "nvidia-pytriton==0.7.0"
 # libcudart.so.12 for perf_analyzer; no GPU is used.

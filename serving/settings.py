@@ -45,6 +45,25 @@ class Settings(BaseSettings):
     triton_metrics_port: int = 8002
     triton_ready_timeout_s: float = 120.0
 
+    triton_timeout_s: float = Field(default=30.0, description="Deadline of one Triton call.")
+    triton_retry_after_s: int = Field(default=2, description="Retry-After when Triton is busy.")
+
+    # --- proxy --------------------------------------------------------------------------
+    proxy_host: str = "127.0.0.1"
+    proxy_port: int = 8080
+    max_upload_bytes: int = Field(default=25 * 1024 * 1024, description="413 above this.")
+    max_image_pixels: int = Field(default=40_000_000, description="422 above this (header).")
+    max_image_side: int = Field(default=16_384, description="422 above this (header).")
+    max_prompts: int = 64
+    max_points_per_prompt: int = 32
+    prompt_coordinate_margin: float = Field(
+        default=0.5,
+        description="How far prompts may lie outside the image, as a fraction of its longest side.",
+    )
+    embedding_cache_bytes: int = Field(
+        default=512 * 1024 * 1024, description="LRU budget; one embedding is 4 MiB."
+    )
+
     @property
     def triton_http_url(self) -> str:
         return f"{self.triton_host}:{self.triton_http_port}"

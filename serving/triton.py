@@ -11,6 +11,7 @@ ready and stops it cleanly on SIGTERM or Ctrl-C. Tests and benchmarks use `Trito
 
 from __future__ import annotations
 
+import filecmp
 import importlib.util
 import logging
 import os
@@ -53,14 +54,22 @@ def prepare_backend_directory(work_dir: Path) -> Path:
     root = pytriton_root()
     python_backend = work_dir / "backends" / "python"
     python_backend.mkdir(parents=True, exist_ok=True)
-    for source in (root / "backends" / "python").iterdir():
-        if source.is_file():
-            shutil.copy2(source, python_backend / source.name)
     stub = root / "python_backend_stubs" / PYTHON_STUB_VERSION / "triton_python_backend_stub"
     if not stub.is_file():
         raise TritonError(f"no Python backend stub for Python {PYTHON_STUB_VERSION} at {stub}")
-    shutil.copy2(stub, python_backend / stub.name)
+    sources = [path for path in (root / "backends" / "python").iterdir() if path.is_file()]
+    for source in [*sources, stub]:
+        _install_file(source, python_backend / source.name)
     return work_dir / "backends"
+
+
+def _install_file(source: Path, target: Path) -> None:
+    """Copy unless already current; replace atomically, since a running server may hold it."""
+    if target.is_file() and filecmp.cmp(source, target, shallow=True):
+        return
+    staging = target.with_name(f".{target.name}.{os.getpid()}")
+    shutil.copy2(source, staging)
+    staging.replace(target)
 
 
 def server_environment() -> dict[str, str]:

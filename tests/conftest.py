@@ -7,11 +7,17 @@ exported repository lives in build/ (git-ignored) and is reused while the checkp
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from serving.settings import PROJECT_ROOT, Settings
@@ -112,3 +118,69 @@ def triton_client(triton_server: TritonServer):
     client = httpclient.InferenceServerClient(triton_server.http_url, concurrency=8)
     yield client
     client.close()
+
+
+class ProxyProcess:
+    """`python -m proxy` in its own process, exactly as `make run` starts it."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def environment(self) -> dict[str, str]:
+        return dict(
+            os.environ,
+            PROXY_HOST="127.0.0.1",
+            PROXY_PORT=str(self.port),
+            TRITON_HOST=self.settings.triton_host,
+            TRITON_HTTP_PORT=str(self.settings.triton_http_port),
+            MODEL_REPOSITORY=str(self.settings.model_repository),
+        )
+
+    def start(self, timeout_s: float = 60) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy"],
+            cwd=PROJECT_ROOT,
+            env=self.environment(),
+            stdout=self.log_path.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"proxy exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("proxy did not start")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="session")
+def proxy(settings: Settings, triton_server: TritonServer) -> Iterator[ProxyProcess]:
+    process = ProxyProcess(settings, BUILD / "logs" / "proxy.log")
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def http(proxy: ProxyProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=proxy.base_url, timeout=120) as client:
+        yield client

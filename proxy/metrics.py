@@ -1,0 +1,51 @@
+"""Prometheus metrics of the proxy (Triton serves its own on its metrics port).
+
+Each app gets its own registry, so several apps in one process (tests) never collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "proxy_requests",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.request_latency = Histogram(
+            "proxy_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.triton_latency = Histogram(
+            "proxy_triton_call_duration_seconds",
+            "Triton call latency by model and outcome.",
+            ["model", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cache_lookups = Counter(
+            "proxy_embedding_cache_lookups",
+            "Embedding cache lookups by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.cache_bytes = Gauge(
+            "proxy_embedding_cache_bytes",
+            "Bytes held by the embedding cache.",
+            registry=self.registry,
+        )
+        self.cache_entries = Gauge(
+            "proxy_embedding_cache_entries",
+            "Images held by the embedding cache.",
+            registry=self.registry,
+        )

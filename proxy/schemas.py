@@ -1,0 +1,58 @@
+"""Response models: upstream's record names (`segmentation`, `area`, `bbox`, `predicted_iou`,
+`stability_score`), with examples for the OpenAPI docs."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class CocoRle(BaseModel):
+    size: list[int] = Field(description="[height, width]", examples=[[480, 640]])
+    counts: str = Field(description="COCO compressed RLE (column-major), as pycocotools writes")
+
+
+class MaskRecord(BaseModel):
+    segmentation: CocoRle | str | list[list[float]] = Field(
+        description="COCO RLE (`rle`), base64 PNG (`png`) or polygons [[x0, y0, x1, y1, ...]]"
+    )
+    predicted_iou: float = Field(description="The decoder's own estimate of mask quality.")
+    stability_score: float = Field(
+        description="IoU of the mask thresholded at logit +1 and -1 (upstream's definition)."
+    )
+    area: int = Field(description="Pixels in the mask.")
+    bbox: list[int] = Field(description="[x, y, width, height] in image pixels.")
+
+
+class PromptResult(BaseModel):
+    masks: list[MaskRecord] = Field(description="Ranked by predicted IoU, best first.")
+
+
+class ImageInfo(BaseModel):
+    image_id: str = Field(
+        description="Send it instead of the file to re-prompt without re-encoding.",
+        examples=["3b1f0c5e9d..."],
+    )
+    width: int
+    height: int
+    cache_hit: bool = Field(description="True when the encoder did not run for this request.")
+    timings_ms: dict[str, float] = Field(
+        description="Milliseconds per stage.",
+        examples=[
+            {
+                "decode_image": 4.1,
+                "preprocess": 6.3,
+                "encoder": 480.2,
+                "decoder": 61.0,
+                "postprocess": 9.8,
+                "total": 563.0,
+            }
+        ],
+    )
+
+
+class EmbedResponse(ImageInfo):
+    pass
+
+
+class SegmentResponse(ImageInfo):
+    results: list[PromptResult] = Field(description="One entry per prompt, in request order.")

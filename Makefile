@@ -11,8 +11,9 @@ $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 
-# Set up, export if needed and serve. (The proxy joins here when it lands.)
-run: triton
+# Set up, export if needed, and serve: Triton, then the proxy on $$PROXY_PORT (8080).
+run: setup
+	$(PY) -m serving.run
 
 # Export the ONNX models for $$MOBILESAM_CHECKPOINT (default: the official weights).
 export: setup

@@ -123,8 +123,11 @@ def triton_client(triton_server: TritonServer):
 class ProxyProcess:
     """`python -m proxy` in its own process, exactly as `make run` starts it."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(
+        self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.settings = settings
+        self.extra_env = extra_env or {}
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -138,6 +141,7 @@ class ProxyProcess:
             TRITON_HOST=self.settings.triton_host,
             TRITON_HTTP_PORT=str(self.settings.triton_http_port),
             MODEL_REPOSITORY=str(self.settings.model_repository),
+            **self.extra_env,
         )
 
     def start(self, timeout_s: float = 60) -> None:

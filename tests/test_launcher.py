@@ -62,3 +62,56 @@ def test_launcher_serves_and_stops_cleanly(
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
+
+
+def test_make_run_serves_the_proxy_and_stops_both(model_repository, checkpoint_path, tmp_path):
+    """`python -m serving.run`: Triton, then the proxy; SIGTERM stops both."""
+    import httpx
+
+    from .test_proxy_api import POINT, png_bytes
+
+    ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS", "PROXY")}
+    env = dict(
+        os.environ,
+        MODEL_REPOSITORY=str(model_repository),
+        MOBILESAM_CHECKPOINT=str(checkpoint_path),
+        PROXY_PORT=str(ports["PROXY"]),
+        **{f"TRITON_{name}_PORT": str(ports[name]) for name in ("HTTP", "GRPC", "METRICS")},
+    )
+    log_path = tmp_path / "run.log"
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "serving.run"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    base_url = f"http://127.0.0.1:{ports['PROXY']}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert runner.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "make run never became ready"
+            try:
+                if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        response = httpx.post(
+            f"{base_url}/segment-image",
+            data={"prompts": POINT},
+            files={"file": ("a.png", png_bytes(seed=30))},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=60) == 0, log_path.read_text()
+        assert not _ready(ports["HTTP"]), "Triton must be stopped"
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base_url}/healthz", timeout=2)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()

@@ -1,0 +1,69 @@
+"""`make run`: export if needed, start Triton, then the proxy; stop both on SIGTERM or Ctrl-C.
+
+Two processes, as in production (docker-compose.yml): `tritonserver` through the same
+launcher as `make triton`, and `python -m proxy` (uvicorn). The proxy starts once Triton is
+ready; if either exits, the other is stopped too.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+from serving.settings import PROJECT_ROOT, get_settings
+from serving.triton import TritonError, TritonServer, export_if_needed
+
+log = logging.getLogger("run")
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    settings = get_settings()
+    try:
+        export_if_needed(settings)
+    except subprocess.CalledProcessError:
+        return 1
+
+    def terminate(signum: int, _frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    triton = TritonServer.from_settings(settings)
+    proxy: subprocess.Popen | None = None
+    try:
+        triton.start()
+        triton.wait_ready(settings.triton_ready_timeout_s)
+        log.info("Triton ready on %s", triton.http_url)
+        proxy = subprocess.Popen([sys.executable, "-m", "proxy"], cwd=PROJECT_ROOT)
+        log.info("proxy starting on http://%s:%d", settings.proxy_host, settings.proxy_port)
+        while proxy.poll() is None and triton.process.poll() is None:
+            time.sleep(0.5)
+        log.error("%s exited; stopping", "proxy" if proxy.poll() is not None else "Triton")
+        return 1
+    except KeyboardInterrupt:
+        log.info("stopping")
+        return 0
+    except TritonError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if proxy is not None:
+            stop_process(proxy)
+        triton.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

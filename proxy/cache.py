@@ -21,10 +21,13 @@ class CachedImage:
     embedding: np.ndarray  # [256, 64, 64] float32
     original_size: tuple[int, int]  # (height, width) of the decoded image
     input_size: tuple[int, int]  # (height, width) after resizing the longest side
+    # The uploaded file, kept compressed: segment-everything by image_id still needs the
+    # pixels (crops, overlay), and the file is far smaller than the decoded image.
+    source: bytes = b""
 
     @property
     def nbytes(self) -> int:
-        return int(self.embedding.nbytes)
+        return int(self.embedding.nbytes) + len(self.source)
 
 
 class EmbeddingCache:

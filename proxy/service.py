@@ -146,7 +146,7 @@ class SegmentationService:
             padded = geometry.pad_to_square(resized, side)
         with timings.stage("encoder"):
             embedding = await self.gateway.encode(padded, resized.shape[:2])
-        return CachedImage(embedding, image.shape[:2], resized.shape[:2])
+        return CachedImage(embedding, image.shape[:2], resized.shape[:2], source=data)
 
     # --- prompts -------------------------------------------------------------------------
 

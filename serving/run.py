@@ -29,7 +29,8 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
             process.wait()
 
 
-def main() -> int:
+def serve(with_proxy: bool = True) -> int:
+    """Run until SIGTERM, Ctrl-C, or either process exiting; then stop both, proxy first."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     settings = get_settings()
     try:
@@ -46,12 +47,18 @@ def main() -> int:
     try:
         triton.start()
         triton.wait_ready(settings.triton_ready_timeout_s)
-        log.info("Triton ready on %s", triton.http_url)
-        proxy = subprocess.Popen([sys.executable, "-m", "proxy"], cwd=PROJECT_ROOT)
-        log.info("proxy starting on http://%s:%d", settings.proxy_host, settings.proxy_port)
-        while proxy.poll() is None and triton.process.poll() is None:
+        log.info(
+            "Triton ready: http %s, grpc :%d, metrics %s",
+            triton.http_url,
+            triton.grpc_port,
+            triton.metrics_url,
+        )
+        if with_proxy:
+            proxy = subprocess.Popen([sys.executable, "-m", "proxy"], cwd=PROJECT_ROOT)
+            log.info("proxy starting on http://%s:%d", settings.proxy_host, settings.proxy_port)
+        while triton.process.poll() is None and (proxy is None or proxy.poll() is None):
             time.sleep(0.5)
-        log.error("%s exited; stopping", "proxy" if proxy.poll() is not None else "Triton")
+        log.error("%s exited; stopping", "Triton" if triton.process.poll() is not None else "proxy")
         return 1
     except KeyboardInterrupt:
         log.info("stopping")
@@ -66,4 +73,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve(with_proxy=True))

@@ -5,8 +5,9 @@ launcher (see DESIGN.md): `LD_LIBRARY_PATH` must include the wheel's bundled lib
 backend stub must sit in a backend directory next to `libtriton_python.so`, and the stub finds
 numpy/onnxruntime through the first `python3` on `PATH`, so this interpreter's `bin/` goes first.
 
-`python -m serving.triton` exports the models if needed, starts Triton, waits until it is
-ready and stops it cleanly on SIGTERM or Ctrl-C. Tests and benchmarks use `TritonServer`.
+`python -m serving.triton` (`make triton`) exports the models if needed, starts Triton, waits
+until it is ready and stops it cleanly on SIGTERM or Ctrl-C (see `serving.run`). Tests and
+benchmarks use `TritonServer` directly.
 """
 
 from __future__ import annotations
@@ -214,40 +215,7 @@ def export_if_needed(settings: Settings) -> None:
     )
 
 
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    settings = get_settings()
-    try:
-        export_if_needed(settings)
-    except subprocess.CalledProcessError:
-        return 1
-
-    server = TritonServer.from_settings(settings)
-
-    def terminate(signum: int, _frame) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    try:
-        server.start()
-        server.wait_ready(settings.triton_ready_timeout_s)
-        log.info(
-            "ready: http %s, grpc :%d, metrics %s",
-            server.http_url,
-            server.grpc_port,
-            server.metrics_url,
-        )
-        server.process.wait()
-        return server.process.returncode or 0
-    except KeyboardInterrupt:
-        log.info("stopping")
-        return 0
-    except TritonError as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        server.stop()
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from serving.run import serve
+
+    sys.exit(serve(with_proxy=False))

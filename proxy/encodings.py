@@ -35,8 +35,16 @@ def encode_mask(mask: np.ndarray, output_format: OutputFormat) -> Any:
 
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     """pycocotools' `mask.encode` of an HxW mask, with `counts` as str instead of bytes."""
-    height, width = mask.shape
-    return {"size": [height, width], "counts": _counts_to_string(rle_counts(mask))}
+    return encode_rle_counts(rle_counts(mask), mask.shape)
+
+
+def encode_rle_counts(counts: np.ndarray, size: tuple[int, int]) -> dict[str, Any]:
+    """Compressed COCO RLE from uncompressed column-major run lengths of an HxW mask."""
+    height, width = size
+    return {
+        "size": [int(height), int(width)],
+        "counts": _counts_to_string(np.asarray(counts, dtype=np.int64)),
+    }
 
 
 def rle_counts(mask: np.ndarray) -> np.ndarray:

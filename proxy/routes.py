@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.amg import AmgParams, AmgParamsError
 from proxy.encodings import OutputFormat
 from proxy.metrics import ProxyMetrics
 from proxy.problems import ProblemError, problem_response
 from proxy.prompts import Prompt, PromptError, parse_prompts
-from proxy.schemas import EmbedResponse, SegmentResponse
+from proxy.schemas import EmbedResponse, EverythingResponse, SegmentResponse
 from proxy.service import SegmentationService, Timings
 from serving.settings import Settings
 
@@ -99,15 +101,58 @@ async def embed_image(
     )
 
 
+def amg_params(
+    points_per_side: Annotated[int | None, Form(description="Grid of n x n points (32).")] = None,
+    points_per_batch: Annotated[
+        int | None, Form(description="Prompts per decoder call (64).")
+    ] = None,
+    pred_iou_thresh: Annotated[float | None, Form(description="Keep masks above (0.88).")] = None,
+    stability_score_thresh: Annotated[
+        float | None, Form(description="Keep masks with stability at least (0.95).")
+    ] = None,
+    stability_score_offset: Annotated[float | None, Form(description="Logit offset (1.0).")] = None,
+    box_nms_thresh: Annotated[
+        float | None, Form(description="Box NMS IoU in a crop (0.7).")
+    ] = None,
+    crop_n_layers: Annotated[int | None, Form(description="Extra crop layers (0).")] = None,
+    crop_nms_thresh: Annotated[
+        float | None, Form(description="Box NMS IoU across crops (0.7).")
+    ] = None,
+    crop_overlap_ratio: Annotated[
+        float | None, Form(description="Crop overlap (512/1500).")
+    ] = None,
+    crop_n_points_downscale_factor: Annotated[
+        int | None, Form(description="Points per side shrink per layer (1).")
+    ] = None,
+    min_mask_region_area: Annotated[
+        int | None, Form(description="Remove holes and islands below this area (0).")
+    ] = None,
+) -> AmgParams:
+    """Segment-everything settings: upstream's names and defaults, overridable per request."""
+    given = {name: value for name, value in locals().items() if value is not None}
+    try:
+        return AmgParams.from_mapping(given)
+    except AmgParamsError as exc:
+        raise ProblemError(422, "invalid_parameter", str(exc), field=exc.field) from exc
+
+
 @router.post(
     "/segment-image",
-    response_model=SegmentResponse,
-    responses=PROBLEM_RESPONSES,
-    summary="Segment objects given point and box prompts",
+    response_model=SegmentResponse | EverythingResponse,
+    responses={
+        **PROBLEM_RESPONSES,
+        200: {
+            "content": {"image/png": {}},
+            "description": "JSON; or, with no prompts and `Accept: image/png`, the overlay.",
+        },
+    },
+    summary="Segment objects given point and box prompts, or everything without prompts",
 )
 async def segment_image(
+    request: Request,
     service: Service,
     settings: AppSettings,
+    params: Annotated[AmgParams, Depends(amg_params)],
     file: Annotated[UploadFile | None, File(description="JPEG, PNG, WebP, BMP or TIFF")] = None,
     image_id: Annotated[
         str | None, Form(description="From an earlier response or POST /embed-image.")
@@ -127,14 +172,15 @@ async def segment_image(
         bool, Form(description="Three candidate masks per prompt instead of one.")
     ] = True,
     output_format: Annotated[OutputFormat, Form(description="Mask encoding.")] = OutputFormat.RLE,
-) -> SegmentResponse:
+    return_overlay: Annotated[
+        bool, Form(description="Segment everything: add a PNG of the masks over the image.")
+    ] = False,
+) -> SegmentResponse | EverythingResponse | Response:
     timings = Timings()
     data = await read_upload(file, image_id, settings.max_upload_bytes)
     if prompts is None or not prompts.strip():
-        raise ProblemError(
-            422,
-            "prompts_required",
-            "segment-everything (no prompts) is not available yet; send `prompts`",
+        return await segment_everything(
+            request, service, data, image_id, params, output_format, return_overlay, timings
         )
     parsed: list[Prompt] = []
 
@@ -153,6 +199,50 @@ async def segment_image(
         cache_hit=hit,
         results=[{"masks": records} for records in results],
         timings_ms=timings.report(),
+    )
+
+
+async def segment_everything(
+    request: Request,
+    service: SegmentationService,
+    data: bytes | None,
+    image_id: str | None,
+    params: AmgParams,
+    output_format: OutputFormat,
+    return_overlay: bool,
+    timings: Timings,
+) -> EverythingResponse | Response:
+    png_only = wants_png(request)
+    image_id, entry, hit = await service.embed(data, image_id, timings)
+    records, overlay_png = await service.segment_everything(
+        image_id, entry, params, output_format, return_overlay or png_only, timings
+    )
+    if png_only:
+        return Response(
+            overlay_png,
+            media_type="image/png",
+            headers={"X-Object-Count": str(len(records)), "X-Image-Id": image_id},
+        )
+    height, width = entry.original_size
+    return EverythingResponse(
+        image_id=image_id,
+        width=width,
+        height=height,
+        cache_hit=hit,
+        count=len(records),
+        masks=records,
+        overlay_png=base64.b64encode(overlay_png).decode() if overlay_png else None,
+        timings_ms=timings.report(),
+    )
+
+
+def wants_png(request: Request) -> bool:
+    """`Accept: image/png` (preferred over JSON, or alone) asks for the overlay picture."""
+    accept = request.headers.get("accept", "")
+    types = [part.split(";")[0].strip() for part in accept.split(",")]
+    return "image/png" in types and (
+        "application/json" not in types
+        or types.index("image/png") < types.index("application/json")
     )
 
 

@@ -56,3 +56,21 @@ class EmbedResponse(ImageInfo):
 
 class SegmentResponse(ImageInfo):
     results: list[PromptResult] = Field(description="One entry per prompt, in request order.")
+
+
+class EverythingMaskRecord(MaskRecord):
+    point_coords: list[list[float]] = Field(
+        description="The grid point that produced the mask, in image pixels."
+    )
+    crop_box: list[int] = Field(description="[x, y, width, height] of the crop it came from.")
+
+
+class EverythingResponse(ImageInfo):
+    count: int = Field(description="Number of objects found.")
+    masks: list[EverythingMaskRecord] = Field(
+        description="Upstream SamAutomaticMaskGenerator's records, in its order."
+    )
+    overlay_png: str | None = Field(
+        default=None,
+        description="With return_overlay=true: base64 PNG of the masks over the image.",
+    )

@@ -10,14 +10,16 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import aclosing, contextmanager
 from functools import partial
+from typing import TypeVar
 
 import numpy as np
 from anyio import to_thread
 
-from proxy import encodings, geometry, imaging, postprocess
+from proxy import amg, encodings, geometry, imaging, overlay, postprocess
 from proxy.cache import CachedImage, EmbeddingCache
 from proxy.metrics import ProxyMetrics
 from proxy.problems import ProblemError
@@ -26,6 +28,10 @@ from proxy.triton_client import TritonGateway
 from serving.settings import Settings
 
 LOW_RES_SIDE = 256
+# Decoder calls in flight per crop in segment-everything: one computing, one queued.
+DECODER_WINDOW = 2
+T = TypeVar("T")
+R = TypeVar("R")
 SizeCheck = Callable[[tuple[int, int]], None]
 
 
@@ -119,9 +125,15 @@ class SegmentationService:
     async def _encode(
         self, data: bytes, timings: Timings, validate: SizeCheck | None
     ) -> CachedImage:
+        image = await self._decode_pixels(data, timings)
+        if validate is not None:
+            validate(image.shape[:2])
+        return await self._encode_pixels(image, timings, source=data)
+
+    async def _decode_pixels(self, data: bytes, timings: Timings) -> np.ndarray:
         with timings.stage("decode_image"):
             try:
-                image = await to_thread.run_sync(
+                return await to_thread.run_sync(
                     partial(
                         imaging.decode_image,
                         data,
@@ -131,8 +143,10 @@ class SegmentationService:
                 )
             except imaging.ImageError as exc:
                 raise ProblemError(exc.status, exc.code, str(exc)) from exc
-        if validate is not None:
-            validate(image.shape[:2])
+
+    async def _encode_pixels(
+        self, image: np.ndarray, timings: Timings, source: bytes = b""
+    ) -> CachedImage:
         side = await self.gateway.image_side()
         if min(geometry.preprocess_shape(*image.shape[:2], side)) < 1:
             raise ProblemError(
@@ -146,7 +160,7 @@ class SegmentationService:
             padded = geometry.pad_to_square(resized, side)
         with timings.stage("encoder"):
             embedding = await self.gateway.encode(padded, resized.shape[:2])
-        return CachedImage(embedding, image.shape[:2], resized.shape[:2], source=data)
+        return CachedImage(embedding, image.shape[:2], resized.shape[:2], source=source)
 
     # --- prompts -------------------------------------------------------------------------
 
@@ -176,6 +190,111 @@ class SegmentationService:
                     self._records, entry, side, low_res, scores, multimask_output, output_format
                 )
             )
+
+    # --- segment everything ----------------------------------------------------------------
+
+    async def segment_everything(
+        self,
+        image_id: str,
+        entry: CachedImage,
+        params: amg.AmgParams,
+        output_format: encodings.OutputFormat,
+        want_overlay: bool,
+        timings: Timings,
+    ) -> tuple[list[dict], bytes | None]:
+        """Upstream `SamAutomaticMaskGenerator.generate` with Triton as the model.
+
+        The whole-image crop reuses the cached embedding; other crops are encoded (and
+        cached) as images of their own. Decoder calls for a crop are kept DECODER_WINDOW deep,
+        so Triton computes the next batch while this process post-processes the last one.
+        """
+        side = await self.gateway.image_side()
+        height, width = entry.original_size
+        jobs = amg.crop_plan(entry.original_size, params, side)
+        needs_pixels = want_overlay or any(job.box != (0, 0, width, height) for job in jobs)
+        image = await self._decode_pixels(entry.source, timings) if needs_pixels else None
+        workspace = amg.Workspace()
+        crops = []
+        for job in jobs:
+            crop_entry = entry
+            if job.box != (0, 0, width, height):
+                crop_entry = await self._crop_embedding(image_id, job, image, timings)
+            batches = []
+            point_batches = list(job.batches(params.points_per_batch))
+            answers = windowed(
+                point_batches,
+                partial(self._decode_points, crop_entry, job.size, side, timings),
+                DECODER_WINDOW,
+            )
+            async with aclosing(answers):
+                async for points, (low_res, iou) in answers:
+                    with timings.stage("postprocess"):
+                        batches.append(
+                            await to_thread.run_sync(
+                                partial(
+                                    amg.process_batch,
+                                    low_res,
+                                    iou,
+                                    points,
+                                    job.box,
+                                    entry.original_size,
+                                    params,
+                                    image_side=side,
+                                    input_size=crop_entry.input_size,
+                                    workspace=workspace,
+                                )
+                            )
+                        )
+            crops.append(amg.finish_crop(batches, job.box, params))
+        with timings.stage("postprocess"):
+            data = await to_thread.run_sync(
+                partial(self._finish, crops, params, entry.original_size)
+            )
+            records = await to_thread.run_sync(amg.to_records, data, output_format)
+        overlay = None
+        if want_overlay:
+            with timings.stage("overlay"):
+                overlay = await to_thread.run_sync(render_overlay_png, image, data)
+        return records, overlay
+
+    @staticmethod
+    def _finish(crops: list, params: amg.AmgParams, size: tuple[int, int]):
+        data = amg.merge_crops(crops, params, size)
+        if params.min_mask_region_area > 0:
+            data = amg.postprocess_small_regions(
+                data,
+                params.min_mask_region_area,
+                max(params.box_nms_thresh, params.crop_nms_thresh),
+            )
+        return data
+
+    async def _crop_embedding(
+        self, image_id: str, job: amg.CropJob, image: np.ndarray, timings: Timings
+    ) -> CachedImage:
+        """A crop is encoded as an image of its own, and cached under its own key."""
+        x0, y0, x1, y1 = job.box
+        key = (self.identity, f"{image_id}#crop={x0},{y0},{x1},{y1}")
+
+        async def encode() -> CachedImage:
+            return await self._encode_pixels(np.ascontiguousarray(job.crop(image)), timings)
+
+        entry, hit = await self.cache.get_or_compute(key, encode)
+        self.metrics.cache_lookups.labels(result="hit" if hit else "miss").inc()
+        return entry
+
+    async def _decode_points(
+        self,
+        entry: CachedImage,
+        crop_size: tuple[int, int],
+        side: int,
+        timings: Timings,
+        points: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        coords, labels = amg.decoder_inputs(points, crop_size, side)
+        no_mask = np.zeros((1, 1, LOW_RES_SIDE, LOW_RES_SIDE), dtype=np.float32)
+        has_mask = np.zeros(len(points), dtype=np.float32)
+        with timings.stage("decoder"):
+            return await self.gateway.decode(entry.embedding, coords, labels, no_mask, has_mask)
 
     async def _decode_group(
         self, entry: CachedImage, wire: list[tuple[np.ndarray, np.ndarray]]
@@ -211,6 +330,48 @@ class SegmentationService:
             records.sort(key=lambda record: record["predicted_iou"], reverse=True)
             results.append(records)
         return results
+
+
+async def windowed(
+    items: list[T], call: Callable[[T], Awaitable[R]], window: int
+) -> AsyncIterator[tuple[T, R]]:
+    """`call` over items, in order, with at most `window` calls in flight at once."""
+    pending: deque[tuple[T, asyncio.Task[R]]] = deque()
+    upcoming = iter(items)
+    try:
+        while True:
+            while len(pending) < window:
+                item = next(upcoming, None)
+                if item is None:
+                    break
+                pending.append((item, asyncio.ensure_future(call(item))))
+            if not pending:
+                return
+            item, task = pending.popleft()
+            yield item, await task
+    finally:
+        for _, task in pending:
+            task.cancel()
+
+
+class LazyMasks(Sequence[np.ndarray]):
+    """The masks of a MaskData, decoded from their RLE one at a time on access."""
+
+    def __init__(self, data: amg.MaskData) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.data.mask(index)
+
+
+def render_overlay_png(image: np.ndarray, data: amg.MaskData) -> bytes:
+    count = len(data)
+    label = f"{count} object" + ("" if count == 1 else "s")
+    areas = [amg.area_from_rle({"counts": counts}) for counts in data.rles]
+    return overlay.encode_png(overlay.render_overlay(image, LazyMasks(data), label, areas))
 
 
 def mask_record(

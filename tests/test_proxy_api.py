@@ -349,11 +349,6 @@ def test_bad_form_values_are_422(http) -> None:
     assert_problem(segment(http, png_bytes(), multimask_output="perhaps"), 422, "invalid_request")
 
 
-def test_no_prompts_is_a_clear_422_until_segment_everything(http) -> None:
-    response = http.post("/segment-image", files={"file": ("a.png", png_bytes())})
-    assert_problem(response, 422, "prompts_required")
-
-
 def test_unknown_route_is_a_problem_404(http) -> None:
     assert_problem(http.get("/nope"), 404, "not_found")
 

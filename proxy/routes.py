@@ -20,6 +20,7 @@ from serving.settings import Settings
 
 router = APIRouter()
 
+IMAGE_ID_PATTERN = "^[0-9a-f]{64}$"  # the SHA-256 of the uploaded file, in hex
 PROMPTS_EXAMPLE = '[{"points": [[320, 240]], "labels": [1]}, {"box": [10, 20, 200, 180]}]'
 PROBLEM_RESPONSES = {
     404: {"description": "Unknown image_id (not cached): upload the file again."},
@@ -155,7 +156,11 @@ async def segment_image(
     params: Annotated[AmgParams, Depends(amg_params)],
     file: Annotated[UploadFile | None, File(description="JPEG, PNG, WebP, BMP or TIFF")] = None,
     image_id: Annotated[
-        str | None, Form(description="From an earlier response or POST /embed-image.")
+        str | None,
+        Form(
+            description="From an earlier response or POST /embed-image.",
+            pattern=IMAGE_ID_PATTERN,
+        ),
     ] = None,
     prompts: Annotated[
         str | None,

@@ -111,12 +111,9 @@ class SegmentationService:
                 )
             hit = True
         else:
-            with timings.stage("cache_lookup_and_encode"):
-                entry, hit = await self.cache.get_or_compute(
-                    key, partial(self._encode, data, timings, validate)
-                )
-            if hit:
-                timings.ms.pop("cache_lookup_and_encode", None)
+            entry, hit = await self.cache.get_or_compute(
+                key, partial(self._encode, data, timings, validate)
+            )
         self.metrics.cache_lookups.labels(result="hit" if hit else "miss").inc()
         self.metrics.cache_bytes.set(self.cache.used_bytes)
         self.metrics.cache_entries.set(len(self.cache))

@@ -333,6 +333,11 @@ def test_unknown_image_id_is_404(http) -> None:
     assert_problem(segment(http, None, image_id="0" * 64), 404, "unknown_image_id")
 
 
+def test_malformed_image_id_is_422(http) -> None:
+    body = assert_problem(segment(http, None, image_id="../etc/passwd"), 422, "invalid_request")
+    assert "image_id" in body["detail"]
+
+
 def test_file_or_image_id_is_required(http) -> None:
     assert_problem(segment(http, None), 422, "image_required")
     both = http.post(

@@ -1,4 +1,8 @@
-"""OpenVINO is chosen in config.pbtxt alone: the same model.py and ONNX files, same answers."""
+"""The runtime is chosen in config.pbtxt alone: the same model.py and ONNX files, same answers.
+
+The session's Triton serves the committed choice (see model_repository/); this module serves
+each model with the other runtime, so both runtimes are checked for both models.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +23,11 @@ from serving.triton import TritonServer
 from .conftest import BUILD, free_port
 from .test_triton import decoder_inputs, encoder_inputs, upstream_embedding
 
+OTHER_RUNTIME = {"onnxruntime": "openvino", "openvino": "onnxruntime"}
 
-def with_runtime(source: Path, target: Path, runtime: str) -> Path:
-    """A copy of `source` whose configs select `runtime`; model files are symlinked."""
+
+def with_swapped_runtimes(source: Path, target: Path) -> Path:
+    """A copy of `source` whose configs select the other runtime; model files are symlinked."""
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(
         source, target, symlinks=True, ignore=shutil.ignore_patterns("model.onnx", "export.json")
@@ -29,7 +35,9 @@ def with_runtime(source: Path, target: Path, runtime: str) -> Path:
     for config in target.glob("*/config.pbtxt"):
         text = config.read_text()
         text, count = re.subn(
-            r'(key: "runtime", value: \{ string_value: )"\w+"', rf'\1"{runtime}"', text
+            r'(key: "runtime", value: \{ string_value: )"(\w+)"',
+            lambda match: f'{match.group(1)}"{OTHER_RUNTIME[match.group(2)]}"',
+            text,
         )
         assert count == 1, f"no runtime parameter in {config}"
         config.write_text(text)
@@ -39,14 +47,14 @@ def with_runtime(source: Path, target: Path, runtime: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def openvino_client(model_repository: Path) -> Iterator[httpclient.InferenceServerClient]:
-    repository = with_runtime(model_repository, BUILD / "model_repository_openvino", "openvino")
+def swapped_client(model_repository: Path) -> Iterator[httpclient.InferenceServerClient]:
+    repository = with_swapped_runtimes(model_repository, BUILD / "model_repository_swapped")
     server = TritonServer(
         repository,
         free_port(),
         free_port(),
         free_port(),
-        log_path=BUILD / "logs" / "triton-openvino.log",
+        log_path=BUILD / "logs" / "triton-swapped.log",
         work_dir=BUILD / "triton",
     )
     with server:
@@ -56,24 +64,28 @@ def openvino_client(model_repository: Path) -> Iterator[httpclient.InferenceServ
         client.close()
 
 
-def test_openvino_encoder_matches_pytorch(openvino_client, settings, sam) -> None:
+def test_other_runtime_encoder_matches_pytorch(swapped_client, settings, sam) -> None:
     rng = np.random.default_rng(5)
     images = [
         rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((1024, 700, 3), (600, 1024, 3))
     ]
-    result = openvino_client.infer(settings.encoder_model, encoder_inputs(images))
+    result = swapped_client.infer(settings.encoder_model, encoder_inputs(images))
     reference = np.concatenate([upstream_embedding(sam, image) for image in images])
-    compare_outputs("openvino encoder", result.as_numpy("image_embeddings"), reference)
+    compare_outputs("swapped-runtime encoder", result.as_numpy("image_embeddings"), reference)
 
 
-def test_openvino_decoder_matches_pytorch(openvino_client, settings, sam) -> None:
+def test_other_runtime_decoder_matches_pytorch(swapped_client, settings, sam) -> None:
     embedding = np.random.default_rng(6).normal(0, 0.5, (1, 256, 64, 64)).astype(np.float32)
     for case in DECODER_CASES[:5]:
         coords, labels = decoder_wire_inputs(case)
-        result = openvino_client.infer(
+        result = swapped_client.infer(
             settings.decoder_model,
             decoder_inputs(embedding, coords[None, None], labels[None, None]),
         )
         ref_masks, ref_iou = upstream_decode(sam, torch.as_tensor(embedding), case, None)
-        compare_outputs(f"openvino {case.name}", result.as_numpy("low_res_masks")[0], ref_masks)
-        compare_outputs(f"openvino {case.name} iou", result.as_numpy("iou_predictions")[0], ref_iou)
+        compare_outputs(
+            f"swapped-runtime {case.name}", result.as_numpy("low_res_masks")[0], ref_masks
+        )
+        compare_outputs(
+            f"swapped-runtime {case.name} iou", result.as_numpy("iou_predictions")[0], ref_iou
+        )

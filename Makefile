@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run export triton perf test lint format clean
+.PHONY: setup run export triton perf bench bench-quick test lint format clean
 
 setup: $(SETUP_STAMP)
 
@@ -26,6 +26,13 @@ triton: setup
 # perf_analyzer tables for both models against a Triton it starts itself.
 perf: setup
 	$(PY) -m serving.perf
+
+# Benchmarks (about 20 min; bench-quick about 3) -> build/bench/ and BENCHMARKS.md.
+bench: setup
+	$(PY) -m benchmarks
+
+bench-quick: setup
+	$(PY) -m benchmarks --quick
 
 lint: setup
 	$(VENV)/bin/ruff check .

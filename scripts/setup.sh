@@ -26,7 +26,7 @@ fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e ".[triton,client,proxy,export,dev]"
+"$VENV/bin/python" -m pip install -q -e ".[triton,client,proxy,export,bench,dev]"
 # The server binary needs none of PyTriton's Python dependencies (its numpy<2 pin among them).
 "$VENV/bin/python" -m pip install -q --no-deps "nvidia-pytriton==0.7.0"
 # libcudart.so.12 for perf_analyzer; no GPU is used.

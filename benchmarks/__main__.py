@@ -1,0 +1,285 @@
+"""`python -m benchmarks [--quick]`: measure everything in one run, then rewrite BENCHMARKS.md.
+
+Sections, in order (each writes its raw JSON to build/bench/results/ as soon as it ends):
+
+  peak      matmul peak at fp32/bf16 and the encoder's FLOP count (again at the end)
+  delay     decoder queue-delay sweep (full run only): picks the delay the next sections use
+  batching  dynamic batching off/on x instances x threads, both models (perf_analyzer)
+  runtime   ONNX Runtime vs OpenVINO fp32 vs OpenVINO bf16, with mask parity via the proxy
+  e2e       the proxy under load, and the in-process PyTorch baseline side by side
+
+Every server is started by this process and stopped on the way out, also on Ctrl-C/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks import analysis, assets, report
+from benchmarks.common import (
+    LOG_DIR,
+    RESULTS_DIR,
+    load_average,
+    machine_info,
+    package_versions,
+    write_json,
+)
+from benchmarks.e2e import run_end_to_end, runtime_checks
+from benchmarks.peak import run_in_subprocess
+from benchmarks.plan import PLANS, Plan
+from benchmarks.triton_sweeps import Inputs, Levels, WhileUp, measure_variants
+from benchmarks.variants import SOURCE_REPOSITORY, Variant, committed_variant
+from serving.triton import TritonServer
+
+log = logging.getLogger("bench")
+
+SECTIONS = ("peak", "delay", "batching", "runtime", "e2e")
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Run:
+    """State shared by the sections of one run."""
+
+    def __init__(self, plan: Plan, source: Path) -> None:
+        self.plan = plan
+        self.committed = committed_variant(source)
+        self.inputs: Inputs | None = None
+        self.photos = assets.photo_uploads()
+        self.parity_photos = assets.photo_uploads(skip_tiny=False)[: plan.parity_photos]
+        pool_size = 2 * plan.warmup_requests + plan.cold.total() + plan.everything.total() + 2
+        self.pool = assets.cold_pool(pool_size, self.photos)
+        self.decoder_delay_us: int | None = None  # from the delay sweep, if it ran
+
+    def section(self, name: str, payload: dict[str, Any]) -> None:
+        payload = {"mode": self.plan.name, "measured_at": now(), **payload}
+        write_json(RESULTS_DIR / f"{name}.json", payload)
+
+    def measure(
+        self, variants: list[Variant], levels: Levels, while_up: WhileUp | None = None
+    ) -> list[dict[str, Any]]:
+        records, self.inputs = measure_variants(variants, levels, self.inputs, while_up)
+        return records
+
+    def base(self) -> Variant:
+        """The committed configuration with the tuned decoder queue delay, if there is one."""
+        if self.decoder_delay_us is None:
+            return self.committed
+        return self.committed.with_model(
+            "mobilesam_decoder",
+            "committed",
+            self.committed.description,
+            queue_delay_us=self.decoder_delay_us,
+        )
+
+
+def run_peak(run: Run, when: str) -> dict[str, Any]:
+    started = time.perf_counter()
+    result = run_in_subprocess()
+    result["when"] = when
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    log.info("peak (%s): %s GFLOP/s", when, result["gflops"])
+    return result
+
+
+def run_delay(run: Run) -> None:
+    plan = run.plan
+    levels = Levels(decoder=plan.queue_delay_levels, decoder_window=plan.sweep.decoder_window)
+    records = run.measure(
+        [
+            run.committed.with_model(
+                "mobilesam_decoder",
+                f"decoder-delay-{delay}us",
+                f"decoder max_queue_delay_microseconds {delay}",
+                queue_delay_us=delay,
+            )
+            for delay in plan.queue_delays_us
+        ],
+        levels,
+    )
+    choice = analysis.choose_queue_delay(records)
+    run.decoder_delay_us = choice["delay_us"] if choice else None
+    run.section("delay", {"variants": records, "choice": choice})
+
+
+def batching_variants(run: Run) -> list[Variant]:
+    base = run.base()
+    variants = [
+        base.with_changes(
+            "no-batching-1x2",
+            "no dynamic batching, 1 instance x 2 threads",
+            batching=False,
+            instances=1,
+            threads=2,
+        ),
+        base.with_changes(
+            "batching-1x2", "dynamic batching, 1 instance x 2 threads", instances=1, threads=2
+        ),
+        base.with_changes(
+            "batching-2x1", "dynamic batching, 2 instances x 1 thread", instances=2, threads=1
+        ),
+    ]
+    if run.plan.fourth_cell:
+        variants.append(
+            base.with_changes(
+                "no-batching-2x1",
+                "no dynamic batching, 2 instances x 1 thread",
+                batching=False,
+                instances=2,
+                threads=1,
+            )
+        )
+    return variants
+
+
+def run_batching(run: Run) -> None:
+    records = run.measure(batching_variants(run), run.plan.sweep)
+    run.section("batching", {"variants": records, "decoder_delay_us": run.decoder_delay_us})
+
+
+def run_runtime(run: Run) -> None:
+    base = run.base()
+    variants = [
+        base.with_changes(
+            "onnxruntime-fp32", "ONNX Runtime fp32", runtime="onnxruntime", precision="fp32"
+        ),
+        base.with_changes("openvino-fp32", "OpenVINO fp32", runtime="openvino", precision="fp32"),
+        base.with_changes("openvino-bf16", "OpenVINO bf16", runtime="openvino", precision="bf16"),
+    ]
+
+    def checks(server: TritonServer, repository: Path) -> dict[str, Any]:
+        return runtime_checks(run.plan, server, repository, run.parity_photos, run.pool)
+
+    records = run.measure(variants, run.plan.runtime_sweep, checks)
+    parity = analysis.parity_summary(records)
+    for record in records:  # the masks were only needed for the comparison
+        record.pop("parity_masks", None)
+    run.section("runtime", {"variants": records, "parity": parity})
+
+
+def run_e2e(run: Run) -> None:
+    checkpoint = assets.CHECKPOINT_PATH
+
+    def everything_else(server: TritonServer, repository: Path) -> dict[str, Any]:
+        return run_end_to_end(
+            run.plan, server, repository, run.inputs, run.pool, run.photos, checkpoint
+        )
+
+    (record,) = run.measure([run.committed], Levels(), everything_else)
+    run.section("e2e", record)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smoke run, about 3 minutes")
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})",
+    )
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite BENCHMARKS.md from the last results"
+    )
+    parser.add_argument("--no-report", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument(
+        "--config-source",
+        type=Path,
+        default=SOURCE_REPOSITORY,
+        help="model repository whose config.pbtxt files are the baseline configuration "
+        "(default: model_repository/), e.g. to measure proposed defaults before committing",
+    )
+    args = parser.parse_args(argv)
+    args.sections = [part.strip() for part in args.only.split(",") if part.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    return args
+
+
+def configure_logging() -> None:
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(), logging.FileHandler(LOG_DIR / "bench.log")]
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", handlers=handlers
+    )
+    logging.getLogger("perf").setLevel(logging.WARNING)  # one line per perf_analyzer call
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging()
+    if args.report_only:
+        log.info("wrote %s", report.write_report())
+        return 0
+
+    def terminate(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    plan = PLANS["quick" if args.quick else "full"]
+    started = time.perf_counter()
+    meta: dict[str, Any] = {
+        "mode": plan.name,
+        "started": now(),
+        "sections": args.sections,
+        "machine": machine_info(),
+        "versions": package_versions(),
+        "load_before": load_average(),
+        "config_source": str(args.config_source),
+        "section_seconds": {},
+        "section_load": {},
+        "complete": False,
+    }
+    status = 0
+    try:
+        assets.ensure_export(assets.ensure_checkpoint())
+        run = Run(plan, args.config_source)
+        peaks = []
+        steps = {
+            "peak": lambda: peaks.append(run_peak(run, "start")),
+            "delay": lambda: run_delay(run) if plan.queue_delays_us else None,
+            "batching": lambda: run_batching(run),
+            "runtime": lambda: run_runtime(run),
+            "e2e": lambda: run_e2e(run),
+        }
+        for name in SECTIONS:
+            if name not in args.sections:
+                continue
+            log.info("=== %s ===", name)
+            section_started = time.perf_counter()
+            load_at_start = load_average()[:1]
+            steps[name]()
+            meta["section_seconds"][name] = round(time.perf_counter() - section_started, 1)
+            meta["section_load"][name] = load_at_start + load_average()[:1]
+            if name == "peak":
+                run.section("peak", {"measurements": peaks})
+        if "peak" in args.sections and plan.peak_at_end:
+            peaks.append(run_peak(run, "end"))
+            run.section("peak", {"measurements": peaks})
+        meta["complete"] = True
+    except KeyboardInterrupt:
+        log.warning("interrupted: servers stopped, partial results kept")
+        status = 130
+    finally:
+        meta["finished"] = now()
+        meta["duration_s"] = round(time.perf_counter() - started, 1)
+        meta["load_after"] = load_average()
+        write_json(RESULTS_DIR / "run.json", meta)
+        log.info("run took %.0f s", meta["duration_s"])
+    if not args.no_report:
+        log.info("wrote %s", report.write_report())
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

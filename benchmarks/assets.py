@@ -1,0 +1,161 @@
+"""What every run needs: a checkpoint, its export, and the images the load generator sends.
+
+The official weights cannot be downloaded on these machines, so the benchmark does what the
+tests do: a `vit_t` checkpoint with seeded random weights goes through the real export. Timings
+do not depend on weight values (same graphs, same shapes, no data-dependent control flow); only
+the bf16 parity figure does, and the report says so.
+
+Images are the real photographs of `tests/photos.py` (scikit-image's bundled data). A "cold"
+request needs bytes the proxy has never seen (its cache is keyed by the SHA-256 of the upload),
+so each cold image is a photo with one corner pixel changed and re-encoded in its own format:
+same size and content, new hash. They are all made before any timing starts.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from benchmarks.common import BENCH_DIR, LOG_DIR
+from serving.settings import PROJECT_ROOT
+
+log = logging.getLogger("bench.assets")
+
+CHECKPOINT_SEED = 0
+CHECKPOINT_PATH = BENCH_DIR / f"mobilesam-random-seed{CHECKPOINT_SEED}.pt"
+EXPORT_DIR = BENCH_DIR / "export"
+SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
+EXPORTED_FILES = ("model.onnx", "export.json")
+
+_MAKE_CHECKPOINT = """
+import sys, torch
+from mobile_sam import sam_model_registry
+torch.manual_seed(int(sys.argv[2]))
+torch.save(sam_model_registry["vit_t"]().state_dict(), sys.argv[1])
+"""
+
+
+def ensure_checkpoint(path: Path = CHECKPOINT_PATH, seed: int = CHECKPOINT_SEED) -> Path:
+    """A seeded random-init `vit_t` state_dict, saved like the official file (made once).
+
+    In a child process: torch stays out of the benchmark driver, which shares two cores with
+    what it measures.
+    """
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(".partial")
+        subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", _MAKE_CHECKPOINT, str(staging), str(seed)],
+            check=True,
+        )
+        staging.replace(path)
+    return path
+
+
+def ensure_export(checkpoint: Path = CHECKPOINT_PATH, target: Path = EXPORT_DIR) -> Path:
+    """`python -m export` into build/bench/export: a no-op while the checkpoint is unchanged."""
+    log_path = LOG_DIR / "export.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as output:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--model-repository",
+                str(target),
+            ],
+            cwd=PROJECT_ROOT,
+            check=True,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+    return target
+
+
+def copy_layout(source: Path, target: Path, exported: Path) -> Path:
+    """The committed configs and model.py files (symlinks kept), exported files linked in."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(
+        source,
+        target,
+        symlinks=True,
+        ignore=shutil.ignore_patterns("__pycache__", *EXPORTED_FILES, "*.partial"),
+    )
+    for config in target.glob("*/config.pbtxt"):
+        model = config.parent.name
+        for name in EXPORTED_FILES:
+            exported_file = (exported / model / "1" / name).resolve()
+            if not exported_file.is_file():
+                raise FileNotFoundError(f"{exported_file} is missing: run the export first")
+            (config.parent / "1" / name).symlink_to(exported_file)
+    return target
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file as a client uploads it."""
+
+    name: str
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+
+
+_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
+
+
+def photo_uploads(skip_tiny: bool = True) -> list[Upload]:
+    """The bundled photographs (tests/photos.py); the 45x30 one is a parity case, not load."""
+    from tests.photos import photos
+
+    uploads = []
+    for photo in photos():
+        if skip_tiny and photo.name.startswith("tiny"):
+            continue
+        image = Image.open(io.BytesIO(photo.data))
+        uploads.append(
+            Upload(photo.name, photo.data, _FORMATS[image.format], image.width, image.height)
+        )
+    return uploads
+
+
+def unique_variant(upload: Upload, index: int) -> Upload:
+    """The same photo with a new hash: corner pixel set from `index`, same format."""
+    image = Image.open(io.BytesIO(upload.data))
+    image.load()
+    fmt = image.format
+    if image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")
+    value = (index * 37 + 11) % 256
+    pixel = value if image.mode == "L" else (value,) * len(image.getbands())
+    image.putpixel((index % image.width, 0), pixel)
+    buffer = io.BytesIO()
+    options = {"quality": 90} if fmt == "JPEG" else {"lossless": True} if fmt == "WEBP" else {}
+    image.save(buffer, fmt, **options)
+    return Upload(
+        f"{upload.name}-{index}",
+        buffer.getvalue(),
+        upload.content_type,
+        upload.width,
+        upload.height,
+    )
+
+
+def cold_pool(count: int, uploads: list[Upload] | None = None) -> list[Upload]:
+    """`count` distinct uploads cycling through the photos: never a cache hit within a run."""
+    uploads = uploads or photo_uploads()
+    return [unique_variant(uploads[i % len(uploads)], i) for i in range(count)]

@@ -1,0 +1,308 @@
+"""End to end: the proxy in front of Triton, and the in-process PyTorch baseline, one run.
+
+Both servers are up at the same time (idle, neither uses CPU), and the cold workload
+alternates between them level by level, so that both see the same machine state and the same
+images: the throughput ratio is measured side by side. The other workloads (cached re-prompts,
+several prompts, segment-everything) exist only on our side. Before any load, perf_analyzer
+measures the encoder and decoder compute alone on the same Triton at concurrency 1: the floor
+a cold request is compared with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks import workloads
+from benchmarks.assets import Upload
+from benchmarks.common import LOG_DIR, ServerProcess, free_port, proxy_process
+from benchmarks.loadgen import RequestFactory, run_load
+from benchmarks.plan import Load, Plan
+from benchmarks.triton_sweeps import Inputs, Levels, run_levels
+from serving.settings import get_settings
+from serving.triton import TritonServer
+
+log = logging.getLogger("bench.e2e")
+
+SETTLE_S = 1.0  # between targets: let the other server's thread pools stop spinning
+
+
+STAT_FIELDS = ("queue", "compute_input", "compute_infer", "compute_output")
+
+
+def triton_stats(url: str) -> dict[str, dict[str, int]]:
+    """Triton's cumulative per-model statistics: request count and nanoseconds per phase."""
+    settings = get_settings()
+    stats = {}
+    for role, model in (("encoder", settings.encoder_model), ("decoder", settings.decoder_model)):
+        with urllib.request.urlopen(f"http://{url}/v2/models/{model}/stats", timeout=10) as r:
+            body = json.load(r)["model_stats"][0]
+        phases = body["inference_stats"]
+        stats[role] = {
+            "requests": int(phases["success"]["count"]),
+            "executions": int(body["execution_count"]),
+            **{name: int(phases[name]["ns"]) for name in STAT_FIELDS},
+        }
+    return stats
+
+
+def stats_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]], served: int
+) -> dict[str, dict[str, float]]:
+    """What Triton did for one load level, in milliseconds per request the proxy served.
+
+    Read from the server around the very requests measured, so "compute alone" and the
+    end-to-end latency are two views of the same requests, not of two moments.
+    """
+    delta = {}
+    for role in after:
+        diff = {key: after[role][key] - before[role][key] for key in after[role]}
+        per = max(served, 1)
+        delta[role] = {
+            "requests": diff["requests"],
+            "executions": diff["executions"],
+            "queue_ms": diff["queue"] / 1e6 / per,
+            "compute_ms": (diff["compute_input"] + diff["compute_infer"] + diff["compute_output"])
+            / 1e6
+            / per,
+        }
+    return delta
+
+
+def load_levels(
+    base_url: str,
+    target: str,
+    workload: str,
+    factory: RequestFactory,
+    load: Load,
+    levels: tuple[int, ...] | None = None,
+    timeout_s: float = 300.0,
+    triton_url: str | None = None,
+) -> list[dict[str, Any]]:
+    """Each level in turn; with `triton_url`, Triton's own split of the same requests."""
+    rows = []
+    for level in load.levels if levels is None else levels:
+        before = triton_stats(triton_url) if triton_url else None
+        result = asyncio.run(
+            run_load(
+                base_url,
+                factory,
+                target=target,
+                workload=workload,
+                concurrency=level,
+                max_requests=load.requests(level),
+                max_seconds=load.max_seconds,
+                timeout_s=timeout_s,
+            )
+        )
+        log.info(
+            "%-8s %-10s c=%d  %6.2f req/s  p50 %7.1f ms  p95 %7.1f ms  ok %d/%d  errors %s",
+            target,
+            workload,
+            level,
+            result.throughput,
+            result.latency_ms.get("p50", float("nan")),
+            result.latency_ms.get("p95", float("nan")),
+            result.ok,
+            result.requests,
+            result.errors or "-",
+        )
+        row = result.to_json()
+        if before is not None:
+            row["triton"] = stats_delta(before, triton_stats(triton_url), result.ok)
+        rows.append(row)
+    return rows
+
+
+def warm(base_url: str, factory: RequestFactory, count: int, timeout_s: float = 300) -> None:
+    """Requests that pay for first-call initialisation, not counted."""
+    with httpx.Client(base_url=base_url, timeout=timeout_s) as client:
+        for index in range(count):
+            request = factory(index)
+            files = {"file": request.file} if request.file else None
+            client.post(request.path, data=request.data, files=files).raise_for_status()
+
+
+def embed(base_url: str, upload: Upload) -> str:
+    """Put one image in the proxy's cache; its image_id drives the re-prompt workloads."""
+    response = httpx.post(
+        f"{base_url}/embed-image",
+        files={"file": (upload.name, upload.data, upload.content_type)},
+        timeout=300,
+    )
+    response.raise_for_status()
+    return response.json()["image_id"]
+
+
+def probe_everything(base_url: str, upload: Upload, timeout_s: float) -> dict[str, Any]:
+    """Is segment-everything there? Only a 200 makes it a workload; anything else is recorded."""
+    started = time.perf_counter()
+    try:
+        response = httpx.post(
+            f"{base_url}{workloads.SEGMENT}",
+            files={"file": (upload.name, upload.data, upload.content_type)},
+            timeout=timeout_s,
+        )
+    except httpx.TimeoutException:
+        detail = f"no answer within {timeout_s:.0f} s"
+        return {"available": False, "status": None, "detail": detail}
+    except httpx.HTTPError as exc:
+        return {"available": False, "status": None, "detail": f"{type(exc).__name__}: {exc}"}
+    latency_ms = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        try:
+            detail = response.json().get("code") or response.text[:200]
+        except ValueError:
+            detail = response.text[:200]
+        return {"available": False, "status": response.status_code, "detail": detail}
+    body = response.json()
+    masks = sum(len(result.get("masks", [])) for result in body.get("results", []))
+    return {"available": True, "status": 200, "probe_ms": latency_ms, "masks": masks}
+
+
+def baseline_process(checkpoint: Path) -> ServerProcess:
+    port = free_port()
+    return ServerProcess(
+        name="pytorch baseline",
+        command=[
+            sys.executable,
+            "-m",
+            "benchmarks.baseline_pytorch",
+            "--checkpoint",
+            str(checkpoint),
+            "--port",
+            str(port),
+        ],
+        port=port,
+        log_path=LOG_DIR / "baseline.log",
+    )
+
+
+def run_end_to_end(
+    plan: Plan,
+    server: TritonServer,
+    repository: Path,
+    inputs: Inputs,
+    pool: list[Upload],
+    photos: list[Upload],
+    checkpoint: Path,
+) -> dict[str, Any]:
+    """Everything measured against one running Triton (the product configuration)."""
+    compute = run_levels(
+        server,
+        "e2e-compute",
+        inputs,
+        Levels(
+            encoder=(1,),
+            decoder=(1,),
+            encoder_window=plan.compute_window,
+            decoder_window=4 * plan.compute_window,
+        ),
+        repository.parent.parent / "perf" / "e2e-compute",
+    )
+    record: dict[str, Any] = {"compute": compute, "ours": [], "baseline": []}
+    # Ours and the baseline get the same sequence of images (ours must never repeat one).
+    ours_stream = workloads.ColdStream(pool)
+    baseline_stream = workloads.ColdStream(pool)
+    reprompt_photo = photos[1 % len(photos)]
+    with (
+        proxy_process(server.http_port, repository, "proxy-e2e") as proxy,
+        baseline_process(checkpoint) as baseline,
+    ):
+        warm(proxy.base_url, workloads.cold(ours_stream), plan.warmup_requests)
+        warm(baseline.base_url, workloads.cold(baseline_stream), plan.warmup_requests)
+        for level in plan.cold.levels:
+            record["ours"] += load_levels(
+                proxy.base_url,
+                "ours",
+                "cold",
+                workloads.cold(ours_stream),
+                plan.cold,
+                (level,),
+                triton_url=server.http_url,
+            )
+            time.sleep(SETTLE_S)
+            if level in plan.baseline.levels:
+                record["baseline"] += load_levels(
+                    baseline.base_url,
+                    "baseline",
+                    "cold",
+                    workloads.cold(baseline_stream),
+                    plan.baseline,
+                    (level,),
+                )
+                time.sleep(SETTLE_S)
+        baseline.stop()  # done with it: the remaining workloads are ours alone
+
+        image_id = embed(proxy.base_url, reprompt_photo)
+        size = (reprompt_photo.width, reprompt_photo.height)
+        reprompt = workloads.cached(image_id, *size)
+        warm(proxy.base_url, reprompt, plan.warmup_requests)
+        record["ours"] += load_levels(
+            proxy.base_url, "ours", "cached", reprompt, plan.cached, triton_url=server.http_url
+        )
+        record["ours"] += load_levels(
+            proxy.base_url,
+            "ours",
+            "multi",
+            workloads.multi(image_id, *size),
+            plan.multi,
+            triton_url=server.http_url,
+        )
+        record["reprompt_image"] = {
+            "name": reprompt_photo.name,
+            "width": size[0],
+            "height": size[1],
+        }
+
+        probe = probe_everything(
+            proxy.base_url, ours_stream.next(), timeout_s=plan.everything_probe_s
+        )
+        record["everything"] = probe
+        log.info("segment-everything probe: %s", probe)
+        if probe["available"] and plan.everything.levels:
+            # A level whose first round would not fit the time limit is skipped, not waited
+            # for: the probe's latency is then the only figure.
+            fits = tuple(
+                level
+                for level in plan.everything.levels
+                if probe["probe_ms"] * level <= plan.everything.max_seconds * 1e3
+            )
+            record["ours"] += load_levels(
+                proxy.base_url,
+                "ours",
+                "everything",
+                workloads.everything(ours_stream),
+                plan.everything,
+                fits,
+                timeout_s=4 * plan.everything.max_seconds,
+                triton_url=server.http_url,
+            )
+    return record
+
+
+def runtime_checks(
+    plan: Plan, server: TritonServer, repository: Path, photos: list[Upload], pool: list[Upload]
+) -> dict[str, Any]:
+    """On a runtime variant: masks for the parity figure, then a few cold requests at c=4."""
+    from benchmarks.parity import collect_masks
+
+    record: dict[str, Any] = {}
+    with proxy_process(server.http_port, repository, f"proxy-{repository.name}") as proxy:
+        if plan.parity:
+            record["parity_masks"] = collect_masks(proxy.base_url, photos)
+        if plan.runtime_e2e is not None:
+            stream = workloads.ColdStream(pool)
+            warm(proxy.base_url, workloads.cold(stream), 1)
+            record["e2e"] = load_levels(
+                proxy.base_url, "ours", "cold", workloads.cold(stream), plan.runtime_e2e
+            )
+    return record

@@ -1,0 +1,81 @@
+"""Mask parity between runtimes and precisions, through the real proxy.
+
+bf16 is opt-in because it changes the answers a little; how little is this figure: the same
+photographs and prompts sent through the proxy of each variant, and each mask's IoU with the
+fp32 mask of the reference variant, plus the largest predicted-IoU difference. One mask per
+prompt (`multimask_output=false`), so masks pair up without depending on a score ranking.
+
+With random-init weights the masks are not objects, and the figure is a property of these
+weights as much as of the precision: read it as "how far bf16 moves a mask", and re-measure
+with the real checkpoint before relying on it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import numpy as np
+
+from benchmarks.assets import Upload
+from benchmarks.loadgen import percentile
+from benchmarks.workloads import SEGMENT, several_prompts
+
+
+def collect_masks(base_url: str, uploads: list[Upload], timeout_s: float = 120) -> list[dict]:
+    """One record per (photo, prompt): the COCO RLE mask and its predicted IoU."""
+    records = []
+    with httpx.Client(base_url=base_url, timeout=timeout_s) as client:
+        for upload in uploads:
+            prompts = several_prompts(upload.width, upload.height)
+            response = client.post(
+                SEGMENT,
+                data={"prompts": json.dumps(prompts), "multimask_output": "false"},
+                files={"file": (upload.name, upload.data, upload.content_type)},
+            )
+            response.raise_for_status()
+            for index, result in enumerate(response.json()["results"]):
+                (mask,) = result["masks"]
+                records.append(
+                    {
+                        "photo": upload.name,
+                        "prompt": index,
+                        "segmentation": mask["segmentation"],
+                        "predicted_iou": mask["predicted_iou"],
+                    }
+                )
+    return records
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union; two empty masks agree perfectly."""
+    union = np.logical_or(a, b).sum()
+    if union == 0:
+        return 1.0
+    return float(np.logical_and(a, b).sum() / union)
+
+
+def _decode(segmentation: dict) -> np.ndarray:
+    from pycocotools import mask as mask_utils
+
+    rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def compare(reference: list[dict], candidate: list[dict]) -> dict[str, Any]:
+    """IoU of every candidate mask with its reference mask, and the score differences."""
+    pairs = {(r["photo"], r["prompt"]): r for r in reference}
+    ious, score_diffs = [], []
+    for record in candidate:
+        ref = pairs[(record["photo"], record["prompt"])]
+        ious.append(mask_iou(_decode(ref["segmentation"]), _decode(record["segmentation"])))
+        score_diffs.append(abs(ref["predicted_iou"] - record["predicted_iou"]))
+    return {
+        "masks": len(ious),
+        "photos": len({record["photo"] for record in candidate}),
+        "iou_mean": float(np.mean(ious)) if ious else None,
+        "iou_min": min(ious) if ious else None,
+        "iou_p5": percentile(ious, 5) if ious else None,
+        "score_diff_max": max(score_diffs) if score_diffs else None,
+    }

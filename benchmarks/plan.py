@@ -1,0 +1,95 @@
+"""How much to measure: the full run (about 20 minutes on 2 cores) and the quick smoke run.
+
+All sizes live here so that the time budget can be read and changed in one place. Request
+counts are per concurrency level; time limits stop a level that runs slower than planned (a
+busy machine) without losing what it measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from benchmarks.triton_sweeps import Levels
+
+
+@dataclass(frozen=True)
+class Load:
+    """One end-to-end workload: levels, requests per level (per worker, with a floor), time."""
+
+    levels: tuple[int, ...]
+    per_worker: int
+    minimum: int
+    max_seconds: float
+
+    def requests(self, concurrency: int) -> int:
+        return max(self.minimum, self.per_worker * concurrency)
+
+    def total(self) -> int:
+        return sum(self.requests(level) for level in self.levels)
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    # Triton side
+    sweep: Levels  # batching x instances variants
+    runtime_sweep: Levels  # runtime / precision variants
+    queue_delays_us: tuple[int, ...]  # decoder queue-delay sweep; empty: keep the committed one
+    queue_delay_levels: tuple[int, ...]
+    fourth_cell: bool  # no batching with 2 instances x 1 thread (beyond the tutorial's three)
+    parity: bool
+    parity_photos: int  # of the bundled photographs, in tests/photos.py order
+    runtime_e2e: Load | None  # cold requests through the proxy on each runtime variant
+    # End to end
+    compute_window: int  # encoder/decoder compute alone at concurrency 1 (perf windows)
+    cold: Load
+    baseline: Load
+    cached: Load
+    multi: Load
+    everything: Load
+    everything_probe_s: float = 180.0  # one cold image with no prompts; ~80 s here
+    warmup_requests: int = 2
+    peak_at_end: bool = True  # a second peak measurement: the machine's load drifts
+    notes: list[str] = field(default_factory=list)
+
+
+FULL = Plan(
+    name="full",
+    sweep=Levels(encoder=(1, 2, 4), decoder=(1, 2, 4, 8), encoder_window=2, decoder_window=6),
+    runtime_sweep=Levels(encoder=(1, 2, 4), decoder=(1, 8), encoder_window=2, decoder_window=6),
+    queue_delays_us=(0, 1000, 4000, 16000),
+    queue_delay_levels=(2, 8),
+    fourth_cell=True,
+    parity=True,
+    parity_photos=6,
+    runtime_e2e=Load(levels=(4,), per_worker=3, minimum=8, max_seconds=40),
+    compute_window=3,
+    cold=Load(levels=(1, 2, 4, 8), per_worker=3, minimum=6, max_seconds=45),
+    baseline=Load(levels=(1, 2, 4, 8), per_worker=2, minimum=4, max_seconds=45),
+    cached=Load(levels=(1, 2, 4, 8), per_worker=20, minimum=30, max_seconds=12),
+    multi=Load(levels=(1, 2, 4, 8), per_worker=8, minimum=12, max_seconds=12),
+    # One request keeps both cores busy; the probe is skipped as a level when slower than 60 s.
+    everything=Load(levels=(1,), per_worker=2, minimum=2, max_seconds=60),
+)
+
+QUICK = Plan(
+    name="quick",
+    sweep=Levels(encoder=(1,), decoder=(1, 8), encoder_window=1, decoder_window=3),
+    runtime_sweep=Levels(encoder=(1,), decoder=(1,), encoder_window=1, decoder_window=3),
+    queue_delays_us=(),
+    queue_delay_levels=(),
+    fourth_cell=False,
+    parity=True,
+    parity_photos=3,
+    runtime_e2e=None,
+    compute_window=1,
+    cold=Load(levels=(1, 4), per_worker=1, minimum=3, max_seconds=20),
+    baseline=Load(levels=(1, 4), per_worker=1, minimum=2, max_seconds=20),
+    cached=Load(levels=(1, 4), per_worker=8, minimum=10, max_seconds=3),
+    multi=Load(levels=(1, 4), per_worker=3, minimum=4, max_seconds=3),
+    everything=Load(levels=(), per_worker=1, minimum=1, max_seconds=30),
+    everything_probe_s=10.0,  # smoke: is it there at all (422 comes back at once)
+    peak_at_end=False,
+)
+
+PLANS = {plan.name: plan for plan in (FULL, QUICK)}

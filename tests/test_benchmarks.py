@@ -1,0 +1,351 @@
+"""The benchmark's own logic, in seconds: no Triton, no proxy, no model.
+
+Percentiles and the load generator's bounds and error counts, the config.pbtxt edits that make
+the variants, the queue-delay choice, and the report writer on a small synthetic result set.
+The measurements themselves run only under `make bench`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import httpx
+import numpy as np
+import pytest
+
+from benchmarks import analysis, loadgen, report, variants
+from benchmarks.parity import mask_iou
+from serving.settings import PROJECT_ROOT
+
+ENCODER_CONFIG = PROJECT_ROOT / "model_repository" / "mobilesam_encoder" / "config.pbtxt"
+
+
+# --- load generator -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q", [0, 5, 50, 95, 99, 100])
+def test_percentile_matches_numpy(q: float) -> None:
+    samples = [float(v) for v in np.random.default_rng(0).exponential(100, 37)]
+    assert loadgen.percentile(samples, q) == pytest.approx(np.percentile(samples, q))
+
+
+def test_percentile_edge_cases() -> None:
+    assert loadgen.percentile([7.0], 99) == 7.0
+    assert np.isnan(loadgen.percentile([], 50))
+    assert loadgen.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    with pytest.raises(ValueError):
+        loadgen.percentile([1.0], 101)
+    assert loadgen.summarize([]) == {}
+    summary = loadgen.summarize([10.0, 20.0, 30.0])
+    assert (summary["p50"], summary["mean"], summary["min"], summary["max"]) == (20, 20, 10, 30)
+
+
+def _run(handler, **kwargs) -> loadgen.LoadResult:
+    def factory(index: int) -> loadgen.Request:
+        return loadgen.Request("/segment-image", {"i": str(index)})
+
+    options = {"concurrency": 3, "max_requests": 10, "max_seconds": 30.0, **kwargs}
+    return asyncio.run(
+        loadgen.run_load(
+            "http://bench.invalid",
+            factory,
+            target="t",
+            workload="w",
+            transport=httpx.MockTransport(handler),
+            **options,
+        )
+    )
+
+
+def test_load_generator_counts_successes_and_errors_by_status() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        index = int(parse_qs(request.content.decode())["i"][0])  # no file: url-encoded form
+        if index % 5 == 4:
+            return httpx.Response(503, json={"code": "triton_unavailable"})
+        return httpx.Response(200, json={"timings_ms": {"decoder": 10.0, "total": 12.0}})
+
+    result = _run(handler)
+
+    assert result.requests == 10 and result.stopped_by == "count"
+    assert result.ok == 8 and result.errors == {"503": 2}
+    assert result.latency_ms["p50"] > 0 and result.throughput > 0
+    assert result.stage_ms == {"decoder": 10.0, "total": 12.0}
+
+
+def test_load_generator_stops_at_its_time_limit() -> None:
+    async def slow(_request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.05)
+        return httpx.Response(200, json={})
+
+    result = _run(slow, concurrency=2, max_requests=10_000, max_seconds=0.3)
+
+    assert result.stopped_by == "time"
+    assert 2 <= result.requests < 40 and result.ok == result.requests
+    assert result.duration_s < 2
+
+
+def test_load_generator_counts_transport_errors() -> None:
+    def broken(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    result = _run(broken, concurrency=1, max_requests=3)
+
+    assert result.ok == 0 and result.errors == {"ConnectError": 3}
+    assert result.latency_ms == {} and result.throughput == 0
+
+
+def test_mask_iou() -> None:
+    a = np.zeros((4, 4), bool)
+    b = a.copy()
+    assert mask_iou(a, b) == 1.0  # both empty: they agree
+    a[:2] = True
+    b[1:3] = True
+    assert mask_iou(a, b) == pytest.approx(4 / 12)
+
+
+# --- variants -------------------------------------------------------------------------------
+
+
+def test_committed_config_is_read() -> None:
+    config = variants.read_config(ENCODER_CONFIG.read_text())
+    assert config.batching and config.queue_delay_us is not None
+    assert config.instances * config.threads <= 2  # the machine's cores
+    assert config.runtime in ("onnxruntime", "openvino")
+
+
+def test_config_edits_round_trip() -> None:
+    text = ENCODER_CONFIG.read_text()
+    config = variants.read_config(text)
+    edited = variants.ModelConfig(
+        batching=True,
+        queue_delay_us=12345,
+        instances=2,
+        threads=1,
+        runtime="openvino",
+        precision="bf16",
+    )
+
+    result = variants.apply_config(text, edited)
+
+    assert variants.read_config(result) == edited
+    assert "max_queue_size" in result  # the rest of the batching block is kept
+    unbatched = variants.apply_config(
+        text, variants.ModelConfig(**{**vars(config), "batching": False})
+    )
+    assert "dynamic_batching" not in unbatched and "max_queue_size" not in unbatched
+    assert variants.read_config(unbatched).batching is False
+    assert 'name: "images"' in unbatched and "parameters [" in unbatched
+
+
+def test_block_span_skips_braces_in_comments() -> None:
+    text = "a: 1\ndynamic_batching {\n  # a } in a comment\n  x { y: 1 }\n}\nb: 2\n"
+    start, end = variants.block_span(text, "dynamic_batching")
+    assert text[start:end].endswith("x { y: 1 }\n}")
+    assert variants.block_span(text, "missing") is None
+
+
+def test_config_edit_fails_loudly_on_an_unknown_layout() -> None:
+    with pytest.raises(variants.ConfigEditError):
+        variants.read_config('name: "m"\n')
+
+
+# --- analysis and report --------------------------------------------------------------------
+
+
+def _perf(role: str, concurrency: int, throughput: float, compute: float, batch: float = 1.0):
+    return {
+        "role": role,
+        "concurrency": concurrency,
+        "throughput": throughput,
+        "avg_batch": batch,
+        "latency_avg_ms": compute + 5,
+        "latency_p50_ms": compute + 5,
+        "latency_p95_ms": compute + 9,
+        "latency_p99_ms": compute + 10,
+        "server_queue_ms": 1.0,
+        "server_compute_input_ms": 1.0,
+        "server_compute_infer_ms": compute - 2,
+        "server_compute_output_ms": 1.0,
+    }
+
+
+def _config(**changes) -> dict:
+    base = {
+        "batching": True,
+        "queue_delay_us": 1000,
+        "instances": 1,
+        "threads": 2,
+        "runtime": "onnxruntime",
+        "precision": "fp32",
+    }
+    return {**base, **changes}
+
+
+def _variant(name: str, results: list[dict], **changes) -> dict:
+    configs = {"mobilesam_encoder": _config(**changes), "mobilesam_decoder": _config(**changes)}
+    return {"name": name, "description": name, "configs": configs, "results": results}
+
+
+def _load(target: str, workload: str, concurrency: int, throughput: float, p50: float) -> dict:
+    return {
+        "target": target,
+        "workload": workload,
+        "concurrency": concurrency,
+        "requests": 10,
+        "ok": 10,
+        "errors": {},
+        "duration_s": 10 / throughput,
+        "throughput": throughput,
+        "latency_ms": {"p50": p50, "p95": p50 * 1.2, "p99": p50 * 1.3, "mean": p50},
+        "stopped_by": "count",
+        "stage_ms": {"encoder": 500.0, "decoder": 40.0, "postprocess": 8.0, "total": p50 - 5},
+    }
+
+
+def synthetic_results() -> dict[str, dict]:
+    batching = [
+        _variant(
+            "no-batching-1x2",
+            [_perf("encoder", 4, 1.6, 600), _perf("decoder", 8, 25, 38)],
+            batching=False,
+        ),
+        _variant(
+            "batching-1x2", [_perf("encoder", 4, 1.4, 2700, 4), _perf("decoder", 8, 30, 120, 4)]
+        ),
+    ]
+    runtime = [
+        _variant("onnxruntime-fp32", [_perf("encoder", 1, 1.6, 600), _perf("decoder", 1, 25, 38)]),
+        _variant(
+            "openvino-fp32",
+            [_perf("encoder", 1, 2.0, 480), _perf("decoder", 1, 22, 42)],
+            runtime="openvino",
+        ),
+        _variant(
+            "openvino-bf16",
+            [_perf("encoder", 1, 3.0, 310), _perf("decoder", 1, 30, 30)],
+            runtime="openvino",
+            precision="bf16",
+        ),
+    ]
+    e2e = _variant("committed", [])
+    e2e["compute"] = [_perf("encoder", 1, 1.6, 600), _perf("decoder", 1, 25, 38)]
+    cold = _load("ours", "cold", 1, 1.5, 680)
+    cold["triton"] = {  # Triton's statistics over the same requests
+        "encoder": {"requests": 10, "executions": 10, "queue_ms": 1.0, "compute_ms": 610.0},
+        "decoder": {"requests": 10, "executions": 10, "queue_ms": 1.0, "compute_ms": 40.0},
+    }
+    e2e["ours"] = [
+        cold,
+        _load("ours", "cold", 4, 1.7, 2300),
+        _load("ours", "cached", 1, 20, 45),
+    ]
+    e2e["baseline"] = [
+        _load("baseline", "cold", 1, 0.7, 1400),
+        _load("baseline", "cold", 4, 0.7, 5600),
+    ]
+    e2e["everything"] = {"available": False, "status": 422, "detail": "prompts_required"}
+    e2e["reprompt_image"] = {"name": "portrait-jpeg", "width": 427, "height": 640}
+    peak = {
+        "measurements": [
+            {
+                "when": "start",
+                "threads": 2,
+                "matmul_side": 2048,
+                "gflops": {"fp32": {"numpy": 190.0, "torch": 180.0}, "bf16": {"torch": 400.0}},
+                "libraries": {"numpy": "numpy"},
+                "encoder_gflop": 77.54,
+                "encoder_gflop_source": "counted",
+            }
+        ]
+    }
+    run = {
+        "mode": "quick",
+        "machine": {"cpu": "Test CPU", "cores": 2},
+        "versions": {},
+        "sections": ["peak", "batching", "runtime", "e2e"],
+        "complete": True,
+        "duration_s": 120,
+    }
+    return {
+        "run": run,
+        "peak": peak,
+        "batching": {"variants": batching},
+        "runtime": {"variants": runtime, "parity": {"comparisons": []}},
+        "e2e": e2e,
+    }
+
+
+def test_targets_are_ratios_within_the_run() -> None:
+    targets = {t.name: t for t in analysis.targets(synthetic_results())}
+
+    cold = targets["cold prompted request vs compute alone"]
+    assert cold.measured.startswith("1.05x") and cold.met  # 680 / (610 + 40)
+    assert "Triton's statistics over the same requests" in cold.detail
+    speedup = targets["throughput at concurrency 4 vs in-process PyTorch"]
+    assert speedup.measured.startswith("2.43x") and not speedup.met  # 1.7 / 0.7
+    assert "short by 60%" in speedup.detail
+    assert targets["cached re-prompt p50 (concurrency 1)"].met is False  # 45 ms
+    encoder = targets["encoder vs fp32 matmul peak"]
+    assert encoder.measured.startswith("68%")  # 77.54 GFLOP / 0.6 s / 190 GFLOP/s
+    batching = targets["decoder dynamic batching gain (concurrency 8)"]
+    assert batching.measured.startswith("1.20x") and not batching.met
+
+
+def test_recommendations_follow_the_data() -> None:
+    choices = {c.knob: c for c in analysis.recommend(synthetic_results())}
+
+    assert choices["encoder runtime (fp32)"].choice == "openvino"  # 1.25x faster
+    assert choices["decoder runtime (fp32)"].choice == "onnxruntime"  # 0.89x
+    assert choices["precision"].choice.startswith("fp32")
+    assert choices["encoder dynamic batching"].choice.startswith("off")  # 1.4 vs 1.6/s
+    assert choices["decoder dynamic batching"].choice == "on"  # 30 vs 25/s
+
+
+def test_queue_delay_prefers_the_smallest_delay_that_is_as_good() -> None:
+    def record(delay: int, throughputs: list[float]) -> dict:
+        rows = [_perf("decoder", c, t, 40) for c, t in zip((2, 8), throughputs, strict=True)]
+        return _variant(f"d{delay}", rows, queue_delay_us=delay)
+
+    records = [record(0, [15, 18]), record(1000, [21, 25]), record(16000, [22, 26])]
+
+    choice = analysis.choose_queue_delay(records)
+
+    assert choice["delay_us"] == 1000  # 16000 is better by less than the noise
+    assert analysis.choose_queue_delay([]) is None
+
+
+def test_report_is_written_from_results(tmp_path: Path) -> None:
+    results_dir = tmp_path / "results"
+    results_dir.mkdir()
+    for name, payload in synthetic_results().items():
+        (results_dir / f"{name}.json").write_text(json.dumps(payload))
+    report_path = tmp_path / "BENCHMARKS.md"
+
+    report.write_report(results_dir, report_path, tmp_path / "plots")
+
+    text = report_path.read_text()
+    for heading in (
+        "## Targets",
+        "## Defaults chosen from the data",
+        "## End to end",
+        "## Runtime and precision",
+        "## Matmul peak and encoder efficiency",
+        "## QPS and sizing",
+        "## Reproduce",
+    ):
+        assert heading in text
+    assert "the comparison, not part of the product" in text
+    assert "Segment-everything: **not measured**: it answered 422 `prompts_required`" in text
+    assert "random-init" in text and "Test CPU" in text
+    plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert "e2e_cold.png" in plots and "runtime.png" in plots
+    assert "](plots/e2e_cold.png)" in text  # relative to the report
+
+
+def test_report_survives_missing_sections(tmp_path: Path) -> None:
+    report_path = tmp_path / "BENCHMARKS.md"
+    report.write_report(tmp_path / "nothing", report_path, tmp_path / "plots")
+    assert "Not measured in this run." in report_path.read_text()

@@ -34,13 +34,6 @@ EXPORT_DIR = BENCH_DIR / "export"
 SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
 EXPORTED_FILES = ("model.onnx", "export.json")
 
-_MAKE_CHECKPOINT = """
-import sys, torch
-from mobile_sam import sam_model_registry
-torch.manual_seed(int(sys.argv[2]))
-torch.save(sam_model_registry["vit_t"]().state_dict(), sys.argv[1])
-"""
-
 
 def ensure_checkpoint(path: Path = CHECKPOINT_PATH, seed: int = CHECKPOINT_SEED) -> Path:
     """A seeded random-init `vit_t` state_dict, saved like the official file (made once).
@@ -49,13 +42,11 @@ def ensure_checkpoint(path: Path = CHECKPOINT_PATH, seed: int = CHECKPOINT_SEED)
     what it measures.
     """
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_suffix(".partial")
         subprocess.run(
-            [sys.executable, "-W", "ignore", "-c", _MAKE_CHECKPOINT, str(staging), str(seed)],
+            [sys.executable, "-m", "export.random_checkpoint", str(path), str(seed)],
+            cwd=PROJECT_ROOT,
             check=True,
         )
-        staging.replace(path)
     return path
 
 

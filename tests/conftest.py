@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from export.random_checkpoint import make_random_checkpoint
 from serving.settings import PROJECT_ROOT, Settings
 from serving.triton import TritonServer
 
@@ -31,18 +32,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def make_random_checkpoint(path: Path, seed: int) -> Path:
-    """A `vit_t` state_dict with seeded random weights, saved like the official file."""
-    import torch
-    from mobile_sam import sam_model_registry
-
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(seed)
-        torch.save(sam_model_registry["vit_t"]().state_dict(), path)
-    return path
 
 
 def copy_repository_layout(target: Path) -> Path:

@@ -56,7 +56,7 @@ class Run:
         self.inputs: Inputs | None = None
         self.photos = assets.photo_uploads()
         self.parity_photos = assets.photo_uploads(skip_tiny=False)[: plan.parity_photos]
-        pool_size = 2 * plan.warmup_requests + plan.cold.total() + plan.everything.total() + 2
+        pool_size = 2 * plan.warmup_requests + plan.cold.total() + len(plan.everything) + 2
         self.pool = assets.cold_pool(pool_size, self.photos)
         self.decoder_delay_us: int | None = None  # from the delay sweep, if it ran
 

@@ -6,9 +6,10 @@ benchmark sends it the same photographs and prompts as the real service, over HT
 run, so that the throughput ratio between the two is measured side by side rather than
 against a number from another day.
 
-Kept deliberately ordinary: the request contract of the prompted path is the service's
-(multipart `file` plus a `prompts` JSON list of {points, labels, box}, `multimask_output`),
-masks come back as COCO RLE (pycocotools) like the service's default, the predictor is shared
+Kept deliberately ordinary: the request contract is the service's (multipart `file` plus a
+`prompts` JSON list of {points, labels, box}, `multimask_output`; without `prompts`, segment
+everything with upstream `SamAutomaticMaskGenerator`, its settings as form fields of the same
+names), masks come back as COCO RLE (pycocotools) like the service's default, the model is shared
 and guarded by a lock (it holds the current image, so concurrent requests must not interleave),
 and torch gets the same two threads the service's runtime gets. No embedding cache, no
 batching: that is what the product adds.
@@ -19,16 +20,19 @@ batching: that is what the product adds.
 from __future__ import annotations
 
 import argparse
+import inspect
 import io
 import json
 import threading
 import time
 import warnings
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from PIL import Image, ImageOps
 
 from benchmarks.common import THREADS
@@ -44,6 +48,21 @@ def load_predictor(checkpoint: Path, threads: int):
     torch.set_num_threads(threads)
     sam = sam_model_registry["vit_t"](checkpoint=str(checkpoint)).eval()
     return SamPredictor(sam)
+
+
+def generator_settings(form: dict[str, str]) -> dict[str, Any]:
+    """The form fields named like `SamAutomaticMaskGenerator`'s numeric arguments, typed."""
+    from mobile_sam import SamAutomaticMaskGenerator
+
+    settings = {}
+    for name, parameter in inspect.signature(SamAutomaticMaskGenerator).parameters.items():
+        kind = type(parameter.default)
+        if name in form and kind in (int, float):
+            try:
+                settings[name] = kind(form[name])
+            except ValueError as exc:
+                raise HTTPException(422, f"{name}: {exc}") from exc
+    return settings
 
 
 def decode_rgb(data: bytes) -> np.ndarray:
@@ -81,15 +100,28 @@ def create_app(checkpoint: Path, threads: int = THREADS) -> FastAPI:
         return {"status": "ok"}
 
     @app.post("/segment-image")
-    def segment_image(  # sync: FastAPI runs it in its thread pool, off the event loop
-        file: Annotated[UploadFile, File()],
-        prompts: Annotated[str, Form()],
-        multimask_output: Annotated[bool, Form()] = True,
-    ) -> dict[str, Any]:
+    async def segment_image(request: Request) -> dict[str, Any]:
         started = time.perf_counter()
-        image = decode_rgb(file.file.read())
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(422, "file is required")
+        data = await upload.read()
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        if "prompts" in fields:
+            work = partial(prompted, data, fields["prompts"], fields)
+        else:
+            work = partial(everything, data, generator_settings(fields))
+        body = await run_in_threadpool(work)  # the thread pool, off the event loop
+        body["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 2)
+        return body
+
+    def prompted(data: bytes, prompts: str, fields: dict[str, str]) -> dict[str, Any]:
+        image = decode_rgb(data)
         items = parse_prompts(prompts)
+        multimask_output = fields.get("multimask_output", "true").lower() == "true"
         results = []
+        waiting = time.perf_counter()
         with lock:
             encode_started = time.perf_counter()
             predictor.set_image(image)
@@ -124,10 +156,35 @@ def create_app(checkpoint: Path, threads: int = THREADS) -> FastAPI:
             "height": int(image.shape[0]),
             "results": results,
             "timings_ms": {
-                "wait_for_predictor": round((encode_started - started) * 1000, 2),
+                "wait_for_predictor": round((encode_started - waiting) * 1000, 2),
                 "encoder": round((encoded - encode_started) * 1000, 2),
                 "decoder_and_masks": round((decoded - encoded) * 1000, 2),
-                "total": round((time.perf_counter() - started) * 1000, 2),
+            },
+        }
+
+    def everything(data: bytes, settings: dict[str, Any]) -> dict[str, Any]:
+        from mobile_sam import SamAutomaticMaskGenerator
+
+        image = decode_rgb(data)
+        try:
+            generator = SamAutomaticMaskGenerator(
+                predictor.model, output_mode="coco_rle", **settings
+            )
+        except (AssertionError, ValueError) as exc:
+            raise HTTPException(422, f"generator settings: {exc}") from exc
+        waiting = time.perf_counter()
+        with lock:
+            generate_started = time.perf_counter()
+            masks = generator.generate(image)
+            generated = time.perf_counter()
+        return {
+            "width": int(image.shape[1]),
+            "height": int(image.shape[0]),
+            "count": len(masks),
+            "masks": masks,
+            "timings_ms": {
+                "wait_for_predictor": round((generate_started - waiting) * 1000, 2),
+                "generate": round((generated - generate_started) * 1000, 2),
             },
         }
 

@@ -2,10 +2,11 @@
 
 Both servers are up at the same time (idle, neither uses CPU), and the cold workload
 alternates between them level by level, so that both see the same machine state and the same
-images: the throughput ratio is measured side by side. The other workloads (cached re-prompts,
-several prompts, segment-everything) exist only on our side. Before any load, perf_analyzer
-measures the encoder and decoder compute alone on the same Triton at concurrency 1: the floor
-a cold request is compared with.
+images: the throughput ratio is measured side by side. Segment-everything is compared the same
+way, one image at a time, against upstream's `SamAutomaticMaskGenerator` in the baseline
+server. The other workloads (cached re-prompts, several prompts) exist only on our side.
+Before any load, perf_analyzer measures the encoder and decoder compute alone on the same
+Triton at concurrency 1: the floor a cold request is compared with.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from benchmarks import workloads
 from benchmarks.assets import Upload
 from benchmarks.common import LOG_DIR, ServerProcess, free_port, proxy_process
 from benchmarks.loadgen import RequestFactory, run_load
-from benchmarks.plan import Load, Plan
+from benchmarks.plan import EverythingCase, Load, Plan
 from benchmarks.triton_sweeps import Inputs, Levels, run_levels
 from serving.settings import get_settings
 from serving.triton import TritonServer
@@ -142,30 +143,55 @@ def embed(base_url: str, upload: Upload) -> str:
     return response.json()["image_id"]
 
 
-def probe_everything(base_url: str, upload: Upload, timeout_s: float) -> dict[str, Any]:
-    """Is segment-everything there? Only a 200 makes it a workload; anything else is recorded."""
+def segment_everything(base_url: str, upload: Upload, case: EverythingCase) -> dict[str, Any]:
+    """One no-prompt request; its latency, status and mask count, never an exception."""
     started = time.perf_counter()
     try:
         response = httpx.post(
             f"{base_url}{workloads.SEGMENT}",
+            data={name: str(value) for name, value in case.settings.items()},
             files={"file": (upload.name, upload.data, upload.content_type)},
-            timeout=timeout_s,
+            timeout=case.timeout_s,
         )
-    except httpx.TimeoutException:
-        detail = f"no answer within {timeout_s:.0f} s"
-        return {"available": False, "status": None, "detail": detail}
     except httpx.HTTPError as exc:
-        return {"available": False, "status": None, "detail": f"{type(exc).__name__}: {exc}"}
+        return {"status": None, "detail": f"{type(exc).__name__}: {exc}"}
     latency_ms = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
-        try:
-            detail = response.json().get("code") or response.text[:200]
-        except ValueError:
-            detail = response.text[:200]
-        return {"available": False, "status": response.status_code, "detail": detail}
+        return {"status": response.status_code, "detail": response.text[:200]}
     body = response.json()
-    masks = sum(len(result.get("masks", [])) for result in body.get("results", []))
-    return {"available": True, "status": 200, "probe_ms": latency_ms, "masks": masks}
+    return {"status": 200, "ms": latency_ms, "count": body["count"], "timings": body["timings_ms"]}
+
+
+def compare_everything(
+    cases: tuple[EverythingCase, ...],
+    proxy_url: str,
+    baseline_url: str,
+    stream: workloads.ColdStream,
+    triton_url: str,
+) -> list[dict[str, Any]]:
+    """Each case on one cold image: ours (with Triton's split of it), then upstream's."""
+    rows = []
+    for case in cases:
+        upload = stream.next()
+        before = triton_stats(triton_url)
+        ours = segment_everything(proxy_url, upload, case)
+        triton = stats_delta(before, triton_stats(triton_url), 1)
+        time.sleep(SETTLE_S)
+        upstream = segment_everything(baseline_url, upload, case)
+        log.info("everything %-18s ours %s  upstream %s", case.name, ours, upstream)
+        rows.append(
+            {
+                "name": case.name,
+                "settings": case.settings,
+                "prompts": case.prompts,
+                "image": {"name": upload.name, "width": upload.width, "height": upload.height},
+                "ours": ours,
+                "upstream": upstream,
+                "triton": triton,
+            }
+        )
+        time.sleep(SETTLE_S)
+    return rows
 
 
 def baseline_process(checkpoint: Path) -> ServerProcess:
@@ -240,6 +266,9 @@ def run_end_to_end(
                     (level,),
                 )
                 time.sleep(SETTLE_S)
+        record["everything"] = compare_everything(
+            plan.everything, proxy.base_url, baseline.base_url, ours_stream, server.http_url
+        )
         baseline.stop()  # done with it: the remaining workloads are ours alone
 
         image_id = embed(proxy.base_url, reprompt_photo)
@@ -262,30 +291,6 @@ def run_end_to_end(
             "width": size[0],
             "height": size[1],
         }
-
-        probe = probe_everything(
-            proxy.base_url, ours_stream.next(), timeout_s=plan.everything_probe_s
-        )
-        record["everything"] = probe
-        log.info("segment-everything probe: %s", probe)
-        if probe["available"] and plan.everything.levels:
-            # A level whose first round would not fit the time limit is skipped, not waited
-            # for: the probe's latency is then the only figure.
-            fits = tuple(
-                level
-                for level in plan.everything.levels
-                if probe["probe_ms"] * level <= plan.everything.max_seconds * 1e3
-            )
-            record["ours"] += load_levels(
-                proxy.base_url,
-                "ours",
-                "everything",
-                workloads.everything(ours_stream),
-                plan.everything,
-                fits,
-                timeout_s=4 * plan.everything.max_seconds,
-                triton_url=server.http_url,
-            )
     return record
 
 

@@ -4,10 +4,10 @@
 - cached: the same image re-prompted by `image_id` with a new click each time: decoder only.
 - multi: four prompts per request on a cached image (two clicks, a box, a box with a click),
   which the proxy sends as two decoder calls (prompts grouped by point count).
-- everything: an image with no prompts (segment everything), only where the server has it.
 
-Cold and everything requests take their images from a `ColdStream`: each proxy must see each
-image once, and the PyTorch baseline is sent the very same sequence.
+Cold requests (and segment-everything, `benchmarks.e2e.compare_everything`) take their images
+from a `ColdStream`: each proxy must see each image once, and the PyTorch baseline is sent the
+very same sequence.
 """
 
 from __future__ import annotations
@@ -78,12 +78,5 @@ def multi(image_id: str, width: int, height: int) -> RequestFactory:
 
     def make(_index: int) -> Request:
         return Request(SEGMENT, {"image_id": image_id, "prompts": prompts})
-
-    return make
-
-
-def everything(stream: ColdStream) -> RequestFactory:
-    def make(_index: int) -> Request:
-        return Request(SEGMENT, {}, _file(stream.next()))
 
     return make

@@ -246,7 +246,37 @@ def synthetic_results() -> dict[str, dict]:
         _load("baseline", "cold", 1, 0.7, 1400),
         _load("baseline", "cold", 4, 0.7, 5600),
     ]
-    e2e["everything"] = {"available": False, "status": 422, "detail": "prompts_required"}
+    e2e["everything"] = [
+        {
+            "name": "upstream defaults",
+            "settings": {},
+            "prompts": 1024,
+            "image": {"name": "portrait-jpeg", "width": 427, "height": 640},
+            "ours": {"status": 200, "ms": 40_000.0, "count": 3, "timings": {}},
+            "upstream": {"status": 200, "ms": 120_000.0, "count": 3, "timings": {}},
+            "triton": {
+                "encoder": {"requests": 1, "executions": 1, "queue_ms": 0.0, "compute_ms": 600.0},
+                "decoder": {
+                    "requests": 16,
+                    "executions": 16,
+                    "queue_ms": 0.0,
+                    "compute_ms": 36_000.0,
+                },
+            },
+        },
+        {
+            "name": "many masks",
+            "settings": {"points_per_side": 8},
+            "prompts": 64,
+            "image": {"name": "landscape-png", "width": 451, "height": 300},
+            "ours": {"status": 200, "ms": 4_000.0, "count": 40, "timings": {}},
+            "upstream": {"status": 504, "detail": "timed out"},
+            "triton": {
+                "encoder": {"requests": 1, "executions": 1, "queue_ms": 0.0, "compute_ms": 600.0},
+                "decoder": {"requests": 1, "executions": 1, "queue_ms": 0.0, "compute_ms": 3000.0},
+            },
+        },
+    ]
     e2e["reprompt_image"] = {"name": "portrait-jpeg", "width": 427, "height": 640}
     peak = {
         "measurements": [
@@ -292,6 +322,16 @@ def test_targets_are_ratios_within_the_run() -> None:
     assert encoder.measured.startswith("68%")  # 77.54 GFLOP / 0.6 s / 190 GFLOP/s
     batching = targets["decoder dynamic batching gain (concurrency 8)"]
     assert batching.measured.startswith("1.20x") and not batching.met
+    everything = targets["segment everything vs upstream generator"]
+    assert everything.measured.startswith("3.00x") and not everything.met  # 120 / 40 s
+    assert "36.0 s of the 40.0 s (90%; 35 ms per prompt in 16 calls)" in everything.detail
+    assert "3.7 TFLOP for 1024 prompts" in everything.detail
+    assert "19.3 s, against the 12.0 s a 10x speed-up would allow" in everything.detail
+
+
+def test_decoder_arithmetic_is_counted_from_its_shapes() -> None:
+    # Ten 4096x256x128 projections alone are 2.68 GFLOP; the upscaling adds 0.8 more.
+    assert 3.5 < analysis.decoder_gflop_per_prompt() < 3.7
 
 
 def test_recommendations_follow_the_data() -> None:
@@ -338,7 +378,9 @@ def test_report_is_written_from_results(tmp_path: Path) -> None:
     ):
         assert heading in text
     assert "the comparison, not part of the product" in text
-    assert "Segment-everything: **not measured**: it answered 422 `prompts_required`" in text
+    assert "### Segment everything vs upstream's generator" in text
+    assert "| upstream defaults (defaults) | 1024 | 40.0 | 120.0 | 3.00x | 3 | 3 | 36.0 |" in text
+    assert "| 64 | 4.0 | failed: 504 timed out | - | 40 | - | 3.0 |" in text
     assert "random-init" in text and "Test CPU" in text
     plots = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
     assert "e2e_cold.png" in plots and "runtime.png" in plots
@@ -349,3 +391,10 @@ def test_report_survives_missing_sections(tmp_path: Path) -> None:
     report_path = tmp_path / "BENCHMARKS.md"
     report.write_report(tmp_path / "nothing", report_path, tmp_path / "plots")
     assert "Not measured in this run." in report_path.read_text()
+
+
+def test_baseline_takes_generator_settings_by_upstream_names() -> None:
+    from benchmarks.baseline_pytorch import generator_settings
+
+    form = {"points_per_side": "8", "pred_iou_thresh": "0", "prompts": "[]", "file": "x"}
+    assert generator_settings(form) == {"points_per_side": 8, "pred_iou_thresh": 0.0}

@@ -6,7 +6,6 @@ tested) without running anything, and a section can be re-run on its own.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -165,48 +164,6 @@ class ServerProcess:
 
     def __exit__(self, *_exc: object) -> None:
         self.stop()
-
-
-SHM_PREFIX = "triton_python_backend_shm_region_"
-
-
-def process_group_members(pgid: int) -> list[int]:
-    """PIDs whose process group is `pgid` (from /proc; empty where there is no /proc)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
-            members.append(int(stat.parent.name))
-    return members
-
-
-def reap_process_group(pgid: int) -> list[int]:
-    """Kill what is left of a stopped server's process group, and its shared memory.
-
-    tritonserver exits on SIGTERM after its exit timeout even while a Python-backend stub is
-    still inside a long `execute()` (a segment-everything request, say); the stub then runs
-    on as an orphan, holding CPU and its /dev/shm region. Triton was started in a session of
-    its own, so its group holds exactly the processes it started.
-    """
-    members = process_group_members(pgid)
-    regions = []
-    for pid in members:
-        try:
-            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        regions += [a.decode() for a in arguments if a.startswith(SHM_PREFIX.encode())]
-    for pid in members:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    for region in regions:
-        (Path("/dev/shm") / region).unlink(missing_ok=True)
-    if members:
-        log.warning("killed %d leftover process(es) of group %d: %s", len(members), pgid, members)
-    return members
 
 
 def proxy_process(triton_http_port: int, model_repository: Path, log_name: str) -> ServerProcess:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import tritonclient.http as httpclient
 
-from benchmarks.common import BENCH_DIR, LOG_DIR, free_port, reap_process_group
+from benchmarks.common import BENCH_DIR, LOG_DIR, free_port
 from benchmarks.variants import Variant, materialize
 from serving import perf
 from serving.settings import get_settings
@@ -161,8 +161,6 @@ def start_variant(variant: Variant, stack: ExitStack) -> tuple[TritonServer, Pat
         log_path=LOG_DIR / f"triton-{variant.name}.log",
         work_dir=BENCH_DIR / "triton",
     )
-    # Exit order is last-in first-out: stop Triton, then reap what it left behind.
-    stack.callback(lambda: server.process and reap_process_group(server.process.pid))
     stack.enter_context(server)
     return server, repository
 

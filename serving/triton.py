@@ -38,6 +38,46 @@ PYTHON_STUB_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 PYTHON_BACKEND_SHM_BYTES = 64 * 1024 * 1024
 # How long Triton waits for open connections and in-flight requests when asked to stop.
 EXIT_TIMEOUT_S = 10
+# A stub's /dev/shm region; the stub gets its name on its command line.
+PYTHON_BACKEND_SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """PIDs whose process group is `pgid` (from /proc; empty where there is no /proc)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
+            members.append(int(stat.parent.name))
+    return members
+
+
+def kill_process_group(pgid: int) -> list[int]:
+    """SIGKILL what is left of a server's process group, and free its stubs' shared memory.
+
+    tritonserver exits on SIGTERM after its exit timeout even while a Python-backend stub is
+    still inside a long `execute()` (a segment-everything request, say); the stub then runs on
+    as an orphan, holding CPU and its /dev/shm region, which a SIGKILLed stub never unlinks.
+    Triton is started in a session of its own, so its group holds exactly what it started.
+    """
+    members = process_group_members(pgid)
+    regions = []
+    for pid in members:
+        with contextlib.suppress(OSError):
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            regions += [
+                a.decode() for a in arguments if a.startswith(PYTHON_BACKEND_SHM_PREFIX.encode())
+            ]
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    for region in regions:
+        (Path("/dev/shm") / region).unlink(missing_ok=True)
+    if members:
+        log.warning("killed %d leftover process(es) of group %d: %s", len(members), pgid, members)
+    return members
 
 
 class TritonError(RuntimeError):
@@ -195,8 +235,7 @@ class TritonServer:
                 log.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
         # A Python-backend stub can outlive its server (seen after client timeouts); the
         # process group holds only what Triton started, so nothing of it may stay behind.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        kill_process_group(self.process.pid)
         self.process.wait()
 
     def __enter__(self) -> TritonServer:

@@ -9,10 +9,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
+from pathlib import Path
 
 import pytest
 
 from serving.settings import PROJECT_ROOT
+from serving.triton import PYTHON_BACKEND_SHM_PREFIX, kill_process_group
 
 from .conftest import free_port
 
@@ -115,3 +118,27 @@ def test_make_run_serves_the_proxy_and_stops_both(model_repository, checkpoint_p
         if runner.poll() is None:
             runner.kill()
             runner.wait()
+
+
+def test_an_orphaned_stub_and_its_shared_memory_are_reaped() -> None:
+    """What `TritonServer.stop` does after Triton exits: nothing of its group stays behind."""
+    region = f"{PYTHON_BACKEND_SHM_PREFIX}test-{uuid.uuid4()}"
+    path = Path("/dev/shm") / region
+    path.write_bytes(b"held by the stub")
+    # A stand-in for an orphaned stub: its own session, the region named on its command line.
+    stub = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", region], start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while region.encode() not in Path(f"/proc/{stub.pid}/cmdline").read_bytes():
+            assert time.monotonic() < deadline, "the stand-in never started"
+            time.sleep(0.05)
+
+        assert kill_process_group(stub.pid) == [stub.pid]
+
+        assert stub.wait(timeout=10) == -signal.SIGKILL
+        assert not path.exists()
+    finally:
+        stub.kill()
+        path.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Bump when the exported graphs' contract changes, so old exports are redone.
-EXPORT_FORMAT_VERSION = 1
+EXPORT_FORMAT_VERSION = 2
 MANIFEST_NAME = "export.json"
 MODEL_FILE = "model.onnx"
 

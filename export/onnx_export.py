@@ -84,14 +84,14 @@ def export_decoder(sam, path: Path) -> None:
         torch.rand(batch, prompts, points, 2) * sam.image_encoder.img_size,
         torch.ones(batch, prompts, points),
         torch.zeros(batch, 1, 1, mask_side, mask_side),
-        torch.zeros(batch, prompts),
+        torch.zeros(batch, 1),
     )
     axes = {
         "image_embeddings": {0: "batch"},
         "point_coords": {0: "batch", 1: "prompts", 2: "points"},
         "point_labels": {0: "batch", 1: "prompts", 2: "points"},
         "mask_input": {0: "batch", 1: "masks"},
-        "has_mask_input": {0: "batch", 1: "prompts"},
+        "has_mask_input": {0: "batch", 1: "masks"},
         "low_res_masks": {0: "batch", 1: "prompts"},
         "iou_predictions": {0: "batch", 1: "prompts"},
     }

@@ -169,7 +169,7 @@ def verify_decoder(sam, onnx_path: Path, embeddings: np.ndarray, seed: int = 0) 
             "point_coords": coords,
             "point_labels": labels,
             "mask_input": np.zeros((2, 1, 1, mask_side, mask_side), dtype=np.float32),
-            "has_mask_input": np.zeros((2, len(cases)), dtype=np.float32),
+            "has_mask_input": np.zeros((2, 1), dtype=np.float32),
         },
     )
     for image in range(2):

@@ -289,7 +289,7 @@ class SegmentationService:
     ) -> tuple[np.ndarray, np.ndarray]:
         coords, labels = amg.decoder_inputs(points, crop_size, side)
         no_mask = np.zeros((1, 1, LOW_RES_SIDE, LOW_RES_SIDE), dtype=np.float32)
-        has_mask = np.zeros(len(points), dtype=np.float32)
+        has_mask = np.zeros(1, dtype=np.float32)
         with timings.stage("decoder"):
             return await self.gateway.decode(entry.embedding, coords, labels, no_mask, has_mask)
 
@@ -300,7 +300,7 @@ class SegmentationService:
         coords = np.stack([c for c, _ in wire])
         labels = np.stack([lab for _, lab in wire])
         no_mask = np.zeros((1, 1, LOW_RES_SIDE, LOW_RES_SIDE), dtype=np.float32)
-        has_mask = np.zeros(len(wire), dtype=np.float32)
+        has_mask = np.zeros(1, dtype=np.float32)
         return await self.gateway.decode(entry.embedding, coords, labels, no_mask, has_mask)
 
     @staticmethod

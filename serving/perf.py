@@ -207,7 +207,7 @@ def decoder_request(
         "point_labels": labels.astype(specs["point_labels"].numpy_type),
         # One mask broadcast to all prompts (M = 1), unused because has_mask_input is 0.
         "mask_input": np.zeros((1, *mask_dims[1:]), dtype=specs["mask_input"].numpy_type),
-        "has_mask_input": np.zeros(prompts, dtype=specs["has_mask_input"].numpy_type),
+        "has_mask_input": np.zeros(1, dtype=specs["has_mask_input"].numpy_type),
     }
 
 

@@ -195,7 +195,7 @@ def test_decoder_graph_has_named_dynamic_axes(model_repository: Path, settings) 
     assert dims["point_coords"] == ["batch", "prompts", "points", 2]
     assert dims["point_labels"] == ["batch", "prompts", "points"]
     assert dims["mask_input"] == ["batch", "masks", 1, 256, 256]
-    assert dims["has_mask_input"] == ["batch", "prompts"]
+    assert dims["has_mask_input"] == ["batch", "masks"]
 
 
 def test_verification_fails_loudly_past_tolerance() -> None:

@@ -75,7 +75,7 @@ def test_decoder_input_data_is_valid(
         assert request["point_coords"].shape == (prompts, points, 2)
         assert request["point_labels"].shape == (prompts, points)
         assert request["mask_input"].shape == (1, 1, 256, 256)
-        assert request["has_mask_input"].shape == (prompts,)
+        assert request["has_mask_input"].shape == (1,)
         coords, labels = request["point_coords"], request["point_labels"]
         assert coords.min() >= 0 and coords.max() <= 1024
         assert (labels[:, :-1] == 1).all() and (labels[:, -1] == -1).all()

@@ -39,11 +39,11 @@ def decoder_inputs(
     mask_input: np.ndarray | None = None,
     has_mask: np.ndarray | None = None,
 ) -> list[httpclient.InferInput]:
-    batch, prompts = labels.shape[:2]
+    batch = labels.shape[0]
     if mask_input is None:
         mask_input = np.zeros((batch, 1, 1, MASK_SIDE, MASK_SIDE), dtype=np.float32)
     if has_mask is None:
-        has_mask = np.zeros((batch, prompts), dtype=np.float32)
+        has_mask = np.zeros((batch, mask_input.shape[1]), dtype=np.float32)
     return [
         _input("image_embeddings", embeddings.astype(np.float32)),
         _input("point_coords", coords.astype(np.float32)),

@@ -18,6 +18,7 @@ from benchmarks.analysis import (
     ENCODER,
     compute_ms,
     everything_bound,
+    everything_decoder_s,
     everything_rows,
     load_row,
     perf_rows,
@@ -583,7 +584,7 @@ def everything_section(e2e: dict[str, Any], peak: dict[str, Any] | None) -> list
                 f"{row['upstream']['ms'] / row['ours']['ms']:.2f}x" if both else "-",
                 ours_n,
                 upstream_n,
-                f"{row['triton']['decoder']['compute_ms'] / 1000:.1f}",
+                f"{everything_decoder_s(row):.1f}",
             ]
         )
     image = rows[0]["image"]

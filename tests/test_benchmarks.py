@@ -258,9 +258,10 @@ def synthetic_results() -> dict[str, dict]:
                 "encoder": {"requests": 1, "executions": 1, "queue_ms": 0.0, "compute_ms": 600.0},
                 "decoder": {
                     "requests": 16,
-                    "executions": 16,
+                    "executions": 15,  # two calls batched: both count that execution
                     "queue_ms": 0.0,
-                    "compute_ms": 36_000.0,
+                    "compute_ms": 38_400.0,
+                    "execution_compute_ms": 36_000.0,
                 },
             },
         },
@@ -398,3 +399,24 @@ def test_baseline_takes_generator_settings_by_upstream_names() -> None:
 
     form = {"points_per_side": "8", "pred_iou_thresh": "0", "prompts": "[]", "file": "x"}
     assert generator_settings(form) == {"points_per_side": 8, "pred_iou_thresh": 0.0}
+
+
+def test_triton_split_counts_each_execution_once() -> None:
+    from benchmarks.e2e import stats_delta
+
+    def stats(requests: int, per_request_ns: int, execution_ns: int) -> dict:
+        phases = {"queue": 0, "compute_input": 0, "compute_output": 0}
+        return {
+            "decoder": {
+                "requests": requests,
+                "executions": requests - 1,
+                "compute_infer": per_request_ns,
+                "execution_compute": execution_ns,
+                **phases,
+            }
+        }
+
+    # Two requests batched into one 3 s execution: each reports 3 s.
+    delta = stats_delta(stats(0, 0, 0), stats(2, 6_000_000_000, 3_000_000_000), served=2)
+    assert delta["decoder"]["compute_ms"] == 3000.0  # per request
+    assert delta["decoder"]["execution_compute_ms"] == 3000.0  # in all

@@ -615,13 +615,16 @@ def everything_section(e2e: dict[str, Any], peak: dict[str, Any] | None) -> list
         out += [f"What bounds it ({measured[0]['name']}): {everything_bound(measured[0], peak)}."]
         out += [
             "",
-            "Upstream spends the same decoder arithmetic per prompt in PyTorch eager, plus "
-            "upsampling every mask of a batch to 1024x1024 and to the image size before "
-            "filtering; ours filters on the predicted IoU first and upsamples one surviving "
-            "mask at a time. What remains is the decoder's per-prompt arithmetic over all "
-            "4096 image tokens, which no batching shares. Only less arithmetic per prompt "
-            "moves it: bf16 (opt-in, see Runtime and precision), or computing the per-image "
-            "part of the first attention layer once per image instead of once per prompt.",
+            "Upstream spends more decoder arithmetic per prompt, in PyTorch eager (it "
+            "repeats the first layer's image-side projections for every prompt), and "
+            "upsamples every mask of a batch to 1024x1024 and to the image size before "
+            "filtering; ours computes that part once per image, filters on the predicted IoU "
+            "first and upsamples one surviving mask at a time. What remains is the decoder's "
+            "per-prompt work over all 4096 image tokens, which batching does not share. What "
+            "would move it further: bf16 (opt-in, see Runtime and precision), or sharing more "
+            "per-image work: the second layer's projections of the image tokens are per-image "
+            "products plus a low-rank per-prompt correction (8 heads x 7 tokens), exact "
+            "algebra that the exported graph does not use yet.",
             "",
         ]
     return out

@@ -687,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)  # even if inherited ignored (see serving.run)
     results: list[PerfResult] = []
     failures: list[str] = []
     try:

@@ -41,7 +41,10 @@ def serve(with_proxy: bool = True) -> int:
     def terminate(signum: int, _frame) -> None:
         raise KeyboardInterrupt
 
+    # SIGINT explicitly too: a process started in the background by a shell inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt for it.
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
     triton = TritonServer.from_settings(settings)
     proxy: subprocess.Popen | None = None
     try:

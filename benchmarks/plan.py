@@ -114,7 +114,7 @@ QUICK = Plan(
     baseline=Load(levels=(1, 4), per_worker=1, minimum=2, max_seconds=20),
     cached=Load(levels=(1, 4), per_worker=8, minimum=10, max_seconds=3),
     multi=Load(levels=(1, 4), per_worker=3, minimum=4, max_seconds=3),
-    everything=(EverythingCase("defaults, 8x8 grid", {"points_per_side": 8}),),
+    everything=(EverythingCase("defaults, 4x4 grid", {"points_per_side": 4}),),  # smoke
     peak_at_end=False,
 )
 

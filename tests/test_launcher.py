@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,6 +27,30 @@ def _ready(port: int) -> bool:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def _kill(launcher: subprocess.Popen, triton_http_port: int | str) -> None:
+    """After a failure: the launcher, its children (the proxy) and its Triton, which runs in a
+    session of its own and is found by its port."""
+    if launcher.poll() is not None:
+        return
+    flag = f"--http-port={triton_http_port}".encode()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if flag in cmdline.read_bytes().split(b"\0"):
+                kill_process_group(int(cmdline.parent.name))
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        if _parent(int(stat.parent.name)) == launcher.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(stat.parent.name), signal.SIGKILL)
+    launcher.kill()
+    launcher.wait()
+
+
+def _parent(pid: int) -> int | None:
+    with contextlib.suppress(OSError, IndexError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return None
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
@@ -62,9 +87,7 @@ def test_launcher_serves_and_stops_cleanly(
         assert "are current for checkpoint" in output, "the launcher checks the export first"
         assert not _ready(int(ports["HTTP"])), "tritonserver must be gone after the launcher"
     finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait()
+        _kill(launcher, ports["HTTP"])
 
 
 def test_make_run_serves_the_proxy_and_stops_both(model_repository, checkpoint_path, tmp_path):
@@ -115,9 +138,7 @@ def test_make_run_serves_the_proxy_and_stops_both(model_repository, checkpoint_p
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base_url}/healthz", timeout=2)
     finally:
-        if runner.poll() is None:
-            runner.kill()
-            runner.wait()
+        _kill(runner, ports["HTTP"])
 
 
 def test_an_orphaned_stub_and_its_shared_memory_are_reaped() -> None:

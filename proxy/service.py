@@ -27,7 +27,6 @@ from proxy.prompts import Prompt, group_prompts_by_length, prompt_to_decoder_arr
 from proxy.triton_client import TritonGateway
 from serving.settings import Settings
 
-LOW_RES_SIDE = 256
 # Decoder calls in flight per crop in segment-everything: one computing, one queued.
 DECODER_WINDOW = 2
 T = TypeVar("T")
@@ -288,10 +287,8 @@ class SegmentationService:
         points: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         coords, labels = amg.decoder_inputs(points, crop_size, side)
-        no_mask = np.zeros((1, 1, LOW_RES_SIDE, LOW_RES_SIDE), dtype=np.float32)
-        has_mask = np.zeros(1, dtype=np.float32)
         with timings.stage("decoder"):
-            return await self.gateway.decode(entry.embedding, coords, labels, no_mask, has_mask)
+            return await self.gateway.decode(entry.embedding, coords, labels)
 
     async def _decode_group(
         self, entry: CachedImage, wire: list[tuple[np.ndarray, np.ndarray]]
@@ -299,9 +296,7 @@ class SegmentationService:
         """Prompts with the same point count go in one call: no cross-prompt padding."""
         coords = np.stack([c for c, _ in wire])
         labels = np.stack([lab for _, lab in wire])
-        no_mask = np.zeros((1, 1, LOW_RES_SIDE, LOW_RES_SIDE), dtype=np.float32)
-        has_mask = np.zeros(1, dtype=np.float32)
-        return await self.gateway.decode(entry.embedding, coords, labels, no_mask, has_mask)
+        return await self.gateway.decode(entry.embedding, coords, labels)
 
     @staticmethod
     def _records(

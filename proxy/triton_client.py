@@ -27,6 +27,11 @@ T = TypeVar("T")
 # Triton ~2.5 s (as long as the inference) and the 4 MB embedding ~150 ms. Tensors on a local
 # link travel uncompressed.
 UNCOMPRESSED = {"Accept-Encoding": "identity"}
+LOW_RES_SIDE = 256  # the decoder's mask logits, and its mask input
+# The proxy sends no previous masks: one unused mask input (M = 1) stands for all prompts,
+# which also lets the decoder share its per-image work between them.
+NO_MASK_INPUT = np.zeros((1, 1, 1, LOW_RES_SIDE, LOW_RES_SIDE), dtype=np.float32)
+MASK_UNUSED = np.zeros((1, 1), dtype=np.float32)
 
 
 def _input(name: str, array: np.ndarray) -> InferInput:
@@ -112,8 +117,6 @@ class TritonGateway:
         embedding: np.ndarray,
         point_coords: np.ndarray,
         point_labels: np.ndarray,
-        mask_input: np.ndarray,
-        has_mask_input: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """One image's prompts [P, N] -> low-res logits [P, 4, 256, 256] and IoU [P, 4]."""
         model = self.settings.decoder_model
@@ -121,8 +124,8 @@ class TritonGateway:
             _input("image_embeddings", embedding[None].astype(np.float32, copy=False)),
             _input("point_coords", point_coords[None].astype(np.float32, copy=False)),
             _input("point_labels", point_labels[None].astype(np.float32, copy=False)),
-            _input("mask_input", mask_input[None].astype(np.float32, copy=False)),
-            _input("has_mask_input", has_mask_input[None].astype(np.float32, copy=False)),
+            _input("mask_input", NO_MASK_INPUT),
+            _input("has_mask_input", MASK_UNUSED),
         ]
         outputs = [
             InferRequestedOutput("low_res_masks", binary_data=True),

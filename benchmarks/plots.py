@@ -117,31 +117,39 @@ def runtime_bars(section: dict[str, Any] | None, path: Path) -> Path | None:
     return _save(figure, path)
 
 
+def _load_lines(axes, rows: list[dict[str, Any]], label: str, percentile: str) -> None:
+    """One load-generator series: requests/s (left) and a latency percentile (right)."""
+    rows = sorted((r for r in rows if r["ok"]), key=lambda r: r["concurrency"])
+    if not rows:
+        return
+    levels = [r["concurrency"] for r in rows]
+    axes[0].plot(levels, [r["throughput"] for r in rows], marker="o", label=label)
+    axes[1].plot(levels, [r["latency_ms"][percentile] for r in rows], marker="o", label=label)
+    for axis in axes:
+        axis.set_xticks(levels)
+
+
+def _concurrency_axes(axes) -> None:
+    for axis in axes:
+        axis.set_xlabel("concurrency", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylim(bottom=0)
+    axes[0].legend(fontsize=7)
+
+
 def e2e_cold(e2e: dict[str, Any] | None, path: Path) -> Path | None:
     """Cold requests: throughput and p50 against concurrency, ours and the PyTorch baseline."""
     if not e2e:
         return None
     figure, axes = plt.subplots(1, 2, figsize=SIZE)
     for target, label in (("ours", "Triton + proxy"), ("baseline", "PyTorch in-process")):
-        rows = sorted(
-            (r for r in e2e.get(target, []) if r["workload"] == "cold" and r["ok"]),
-            key=lambda r: r["concurrency"],
-        )
-        if not rows:
-            continue
-        levels = [r["concurrency"] for r in rows]
-        axes[0].plot(levels, [r["throughput"] for r in rows], marker="o", label=label)
-        axes[1].plot(levels, [r["latency_ms"]["p50"] for r in rows], marker="o", label=label)
-        for axis in axes:
-            axis.set_xticks(levels)
+        cold = [r for r in e2e.get(target, []) if r["workload"] == "cold"]
+        _load_lines(axes, cold, label, "p50")
     axes[0].set_title("cold image, one click: requests/s", fontsize=9)
     axes[1].set_title("cold image, one click: p50 latency (ms)", fontsize=9)
-    for axis in axes:
-        axis.set_xlabel("concurrency", fontsize=8)
-        axis.set_ylim(bottom=0)
-        axis.tick_params(labelsize=7)
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[1].set_ylim(bottom=0)
+    _concurrency_axes(axes)
     return _save(figure, path)
 
 
@@ -154,26 +162,12 @@ def e2e_workloads(e2e: dict[str, Any] | None, path: Path) -> Path | None:
         return None
     figure, axes = plt.subplots(1, 2, figsize=SIZE)
     for workload in workloads:
-        rows = sorted(
-            (r for r in e2e["ours"] if r["workload"] == workload and r["ok"]),
-            key=lambda r: r["concurrency"],
-        )
-        if not rows:
-            continue
-        levels = [r["concurrency"] for r in rows]
-        axes[0].plot(levels, [r["throughput"] for r in rows], marker="o", label=workload)
-        axes[1].plot(levels, [r["latency_ms"]["p95"] for r in rows], marker="o", label=workload)
-        for axis in axes:
-            axis.set_xticks(levels)
+        rows = [r for r in e2e["ours"] if r["workload"] == workload]
+        _load_lines(axes, rows, workload, "p95")
     axes[0].set_title("requests/s by workload", fontsize=9)
     axes[1].set_title("p95 latency (ms, log scale)", fontsize=9)
     axes[1].set_yscale("log")
-    for axis in axes:
-        axis.set_xlabel("concurrency", fontsize=8)
-        axis.tick_params(labelsize=7)
-        axis.grid(alpha=0.3)
-    axes[0].set_ylim(bottom=0)
-    axes[0].legend(fontsize=7)
+    _concurrency_axes(axes)
     return _save(figure, path)
 
 

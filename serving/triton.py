@@ -42,16 +42,21 @@ EXIT_TIMEOUT_S = 10
 PYTHON_BACKEND_SHM_PREFIX = "triton_python_backend_shm_region_"
 
 
+def proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: state, ppid, pgrp, ...; None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_group_members(pgid: int) -> list[int]:
     """PIDs whose process group is `pgid` (from /proc; empty where there is no /proc)."""
     members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
-            members.append(int(stat.parent.name))
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = proc_stat(int(entry.name))
+        if fields and int(fields[2]) == pgid:
+            members.append(int(entry.name))
     return members
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from serving.settings import PROJECT_ROOT
-from serving.triton import PYTHON_BACKEND_SHM_PREFIX, kill_process_group
+from serving.triton import PYTHON_BACKEND_SHM_PREFIX, kill_process_group, proc_stat
 
 from .conftest import free_port
 
@@ -39,18 +39,13 @@ def _kill(launcher: subprocess.Popen, triton_http_port: int | str) -> None:
         with contextlib.suppress(OSError):
             if flag in cmdline.read_bytes().split(b"\0"):
                 kill_process_group(int(cmdline.parent.name))
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        if _parent(int(stat.parent.name)) == launcher.pid:
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = proc_stat(int(entry.name))
+        if fields and int(fields[1]) == launcher.pid:  # a child of the launcher
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(stat.parent.name), signal.SIGKILL)
+                os.kill(int(entry.name), signal.SIGKILL)
     launcher.kill()
     launcher.wait()
-
-
-def _parent(pid: int) -> int | None:
-    with contextlib.suppress(OSError, IndexError):
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    return None
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])

@@ -34,6 +34,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image, ImageOps
+from pydantic import TypeAdapter, ValidationError
 
 from benchmarks.common import THREADS
 
@@ -119,7 +120,12 @@ def create_app(checkpoint: Path, threads: int = THREADS) -> FastAPI:
     def prompted(data: bytes, prompts: str, fields: dict[str, str]) -> dict[str, Any]:
         image = decode_rgb(data)
         items = parse_prompts(prompts)
-        multimask_output = fields.get("multimask_output", "true").lower() == "true"
+        try:  # pydantic's bool, as the Form(bool) field before it parsed it
+            multimask_output = TypeAdapter(bool).validate_python(
+                fields.get("multimask_output", True)
+            )
+        except ValidationError as exc:
+            raise HTTPException(422, f"multimask_output: {exc}") from exc
         results = []
         waiting = time.perf_counter()
         with lock:

@@ -11,7 +11,6 @@ import logging
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import httpx
 
 from serving.settings import PROJECT_ROOT
+from serving.triton import free_port
 
 log = logging.getLogger("bench")
 
@@ -35,12 +35,6 @@ REPORT_PATH = PROJECT_ROOT / "BENCHMARKS.md"
 # Both our stack and the PyTorch baseline get the same fixed thread budget: the machine's two
 # cores. Fixed, so that runs on a bigger machine stay comparable with the committed report.
 THREADS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_json(path: Path, payload: Any) -> Path:

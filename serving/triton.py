@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +41,24 @@ PYTHON_BACKEND_SHM_BYTES = 64 * 1024 * 1024
 EXIT_TIMEOUT_S = 10
 # A stub's /dev/shm region; the stub gets its name on its command line.
 PYTHON_BACKEND_SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+_ports_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A free local TCP port, never one this process was given before.
+
+    The OS may hand the same ephemeral port to two binds in a row once the first socket is
+    closed; a server launched with the same port twice (HTTP and metrics, say) fails to start.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _ports_handed_out:
+            _ports_handed_out.add(port)
+            return port
 
 
 def proc_stat(pid: int) -> list[str] | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,10 @@ import pytest
 
 from export.random_checkpoint import make_random_checkpoint
 from serving.settings import PROJECT_ROOT, Settings
-from serving.triton import TritonServer
+from serving.triton import TritonServer, free_port
 
 BUILD = PROJECT_ROOT / "build" / "tests"
 CHECKPOINT_SEED = 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def copy_repository_layout(target: Path) -> Path:

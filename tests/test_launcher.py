@@ -158,3 +158,27 @@ def test_an_orphaned_stub_and_its_shared_memory_are_reaped() -> None:
     finally:
         stub.kill()
         path.unlink(missing_ok=True)
+
+
+def test_free_port_never_hands_out_a_port_twice(monkeypatch) -> None:
+    """The OS can return a just-closed ephemeral port again; two servers then collide."""
+    import serving.triton as triton
+
+    offered = iter([41001, 41001, 41002])
+
+    class OsSocket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(offered)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(triton.socket, "socket", OsSocket)
+    monkeypatch.setattr(triton, "_ports_handed_out", set())
+    assert [triton.free_port(), triton.free_port()] == [41001, 41002]

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run export triton perf bench bench-quick test lint format clean
+.PHONY: setup run export triton perf bench bench-quick test test-fast lint format clean
 
 setup: $(SETUP_STAMP)
 
@@ -13,7 +13,7 @@ $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 
 # Set up, export if needed, and serve: Triton, then the proxy on $$PROXY_PORT (8080).
 run: setup
-	$(PY) -m serving.run
+	$(PY) -m serving
 
 # Export the ONNX models for $$MOBILESAM_CHECKPOINT (default: the official weights).
 export: setup
@@ -21,11 +21,11 @@ export: setup
 
 # Serve the model repository with the real tritonserver (exports first if needed).
 triton: setup
-	$(PY) -m serving.triton
+	$(PY) -m serving --triton-only
 
 # perf_analyzer tables for both models against a Triton it starts itself.
 perf: setup
-	$(PY) -m serving.perf
+	$(PY) -m benchmarks.perf_analyzer
 
 # Benchmarks (about 20 min; bench-quick about 3) -> build/bench/ and BENCHMARKS.md.
 bench: setup
@@ -40,6 +40,10 @@ lint: setup
 
 test: setup lint
 	$(PY) -m pytest
+
+# The tests that need neither Triton nor a proxy process (under a minute).
+test-fast: setup
+	$(PY) -m pytest -m "not integration"
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -26,6 +26,7 @@ from benchmarks import analysis, assets, report
 from benchmarks.common import (
     LOG_DIR,
     RESULTS_DIR,
+    SECTIONS,
     load_average,
     machine_info,
     package_versions,
@@ -36,11 +37,10 @@ from benchmarks.peak import run_in_subprocess
 from benchmarks.plan import PLANS, Plan
 from benchmarks.triton_sweeps import Inputs, Levels, WhileUp, measure_variants
 from benchmarks.variants import SOURCE_REPOSITORY, Variant, committed_variant
+from common import contract
 from serving.triton import TritonServer
 
 log = logging.getLogger("bench")
-
-SECTIONS = ("peak", "delay", "batching", "runtime", "e2e")
 
 
 def now() -> str:
@@ -75,7 +75,7 @@ class Run:
         if self.decoder_delay_us is None:
             return self.committed
         return self.committed.with_model(
-            "mobilesam_decoder",
+            contract.DECODER_MODEL,
             "committed",
             self.committed.description,
             queue_delay_us=self.decoder_delay_us,
@@ -97,7 +97,7 @@ def run_delay(run: Run) -> None:
     records = run.measure(
         [
             run.committed.with_model(
-                "mobilesam_decoder",
+                contract.DECODER_MODEL,
                 f"decoder-delay-{delay}us",
                 f"decoder max_queue_delay_microseconds {delay}",
                 queue_delay_us=delay,

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.peak import ENCODER_GFLOP_NOMINAL
+from common import contract
+
 Results = dict[str, Any]
 
 ENCODER = "encoder"
@@ -76,7 +79,7 @@ def encoder_gflop(peak: Results | None) -> float:
     for measurement in (peak or {}).get("measurements", []):
         if measurement.get("encoder_gflop"):
             return float(measurement["encoder_gflop"])
-    return 77.5
+    return ENCODER_GFLOP_NOMINAL
 
 
 def best_encoder_compute(
@@ -96,7 +99,7 @@ def best_encoder_compute(
         candidates.append((compute_ms(row), "end-to-end server"))
     for name in ("batching", "runtime", "delay"):
         for record in (results.get(name) or {}).get("variants", []):
-            encoder = record["configs"]["mobilesam_encoder"]
+            encoder = record["configs"][contract.ENCODER_MODEL]
             row = perf_row(record, ENCODER, 1)
             if row and all(encoder.get(k) == config.get(k) for k in knobs):
                 candidates.append((compute_ms(row), f"{name}/{record['name']}"))
@@ -114,7 +117,7 @@ def choose_queue_delay(records: list[Results]) -> Results | None:
     """
     scores = {}
     for record in records:
-        delay = record["configs"]["mobilesam_decoder"]["queue_delay_us"]
+        delay = record["configs"][contract.DECODER_MODEL]["queue_delay_us"]
         rows = perf_rows(record, DECODER)
         if rows:
             scores[delay] = {
@@ -184,8 +187,8 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
     committed = (e2e or {}).get("configs") or (batching or {}).get("variants", [{}])[0].get(
         "configs"
     )
-    enc_cfg = (committed or {}).get("mobilesam_encoder", {})
-    dec_cfg = (committed or {}).get("mobilesam_decoder", {})
+    enc_cfg = (committed or {}).get(contract.ENCODER_MODEL, {})
+    dec_cfg = (committed or {}).get(contract.DECODER_MODEL, {})
 
     ort, ov, bf16 = (
         variant(runtime, n) for n in ("onnxruntime-fp32", "openvino-fp32", "openvino-bf16")
@@ -540,7 +543,7 @@ def targets(results: dict[str, Results | None]) -> list[Target]:
         )
 
     # 4. Encoder GFLOP/s vs the matmul peak at the same precision, best against best.
-    encoder_config = ((e2e or {}).get("configs") or {}).get("mobilesam_encoder")
+    encoder_config = ((e2e or {}).get("configs") or {}).get(contract.ENCODER_MODEL)
     fastest = best_encoder_compute(results, encoder_config) if encoder_config else None
     best = peak_gflops(peak, encoder_config["precision"]) if encoder_config else None
     if fastest and best:

@@ -5,7 +5,7 @@ tests do: a `vit_t` checkpoint with seeded random weights goes through the real 
 do not depend on weight values (same graphs, same shapes, no data-dependent control flow); only
 the bf16 parity figure does, and the report says so.
 
-Images are the real photographs of `tests/photos.py` (scikit-image's bundled data). A "cold"
+Images are the real photographs of `testkit.photos` (scikit-image's bundled data). A "cold"
 request needs bytes the proxy has never seen (its cache is keyed by the SHA-256 of the upload),
 so each cold image is a photo with one corner pixel changed and re-encoded in its own format:
 same size and content, new hash. They are all made before any timing starts.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,15 +23,14 @@ from pathlib import Path
 from PIL import Image
 
 from benchmarks.common import BENCH_DIR, LOG_DIR
-from serving.settings import PROJECT_ROOT
+from common.settings import PROJECT_ROOT
+from testkit.photos import photos
 
 log = logging.getLogger("bench.assets")
 
 CHECKPOINT_SEED = 0
 CHECKPOINT_PATH = BENCH_DIR / f"mobilesam-random-seed{CHECKPOINT_SEED}.pt"
 EXPORT_DIR = BENCH_DIR / "export"
-SOURCE_REPOSITORY = PROJECT_ROOT / "model_repository"
-EXPORTED_FILES = ("model.onnx", "export.json")
 
 
 def ensure_checkpoint(path: Path = CHECKPOINT_PATH, seed: int = CHECKPOINT_SEED) -> Path:
@@ -73,25 +71,6 @@ def ensure_export(checkpoint: Path = CHECKPOINT_PATH, target: Path = EXPORT_DIR)
     return target
 
 
-def copy_layout(source: Path, target: Path, exported: Path) -> Path:
-    """The committed configs and model.py files (symlinks kept), exported files linked in."""
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(
-        source,
-        target,
-        symlinks=True,
-        ignore=shutil.ignore_patterns("__pycache__", *EXPORTED_FILES, "*.partial"),
-    )
-    for config in target.glob("*/config.pbtxt"):
-        model = config.parent.name
-        for name in EXPORTED_FILES:
-            exported_file = (exported / model / "1" / name).resolve()
-            if not exported_file.is_file():
-                raise FileNotFoundError(f"{exported_file} is missing: run the export first")
-            (config.parent / "1" / name).symlink_to(exported_file)
-    return target
-
-
 # --- images -----------------------------------------------------------------------------------
 
 
@@ -110,9 +89,7 @@ _FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
 def photo_uploads(skip_tiny: bool = True) -> list[Upload]:
-    """The bundled photographs (tests/photos.py); the 45x30 one is a parity case, not load."""
-    from tests.photos import photos
-
+    """The bundled photographs (testkit.photos); the 45x30 one is a parity case, not load."""
     uploads = []
     for photo in photos():
         if skip_tiny and photo.name.startswith("tiny"):

@@ -120,7 +120,7 @@ def create_app(checkpoint: Path, threads: int = THREADS) -> FastAPI:
     def prompted(data: bytes, prompts: str, fields: dict[str, str]) -> dict[str, Any]:
         image = decode_rgb(data)
         items = parse_prompts(prompts)
-        try:  # pydantic's bool, as the Form(bool) field before it parsed it
+        try:  # pydantic's bool, as the service's Form(bool) field parses it
             multimask_output = TypeAdapter(bool).validate_python(
                 fields.get("multimask_output", True)
             )

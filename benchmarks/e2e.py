@@ -24,12 +24,14 @@ import httpx
 
 from benchmarks import workloads
 from benchmarks.assets import Upload
-from benchmarks.common import LOG_DIR, ServerProcess, free_port, proxy_process
+from benchmarks.common import LOG_DIR
 from benchmarks.loadgen import RequestFactory, run_load
 from benchmarks.plan import EverythingCase, Load, Plan
 from benchmarks.triton_sweeps import Inputs, Levels, run_levels
-from serving.settings import get_settings
+from common.settings import Settings, get_settings
 from serving.triton import TritonServer
+from testkit.ports import free_port
+from testkit.processes import ServerProcess, proxy_process
 
 log = logging.getLogger("bench.e2e")
 
@@ -204,6 +206,13 @@ def compare_everything(
     return rows
 
 
+def proxy_settings(server: TritonServer, repository: Path) -> Settings:
+    """The settings of a proxy in front of `server`, serving `repository`."""
+    return get_settings().model_copy(
+        update={"triton_http_port": server.http_port, "model_repository": repository}
+    )
+
+
 def baseline_process(checkpoint: Path) -> ServerProcess:
     port = free_port()
     return ServerProcess(
@@ -250,7 +259,9 @@ def run_end_to_end(
     baseline_stream = workloads.ColdStream(pool)
     reprompt_photo = photos[1 % len(photos)]
     with (
-        proxy_process(server.http_port, repository, "proxy-e2e") as proxy,
+        proxy_process(
+            proxy_settings(server, repository), LOG_DIR / "proxy-e2e.log", health_path="/readyz"
+        ) as proxy,
         baseline_process(checkpoint) as baseline,
     ):
         warm(proxy.base_url, workloads.cold(ours_stream), plan.warmup_requests)
@@ -311,7 +322,11 @@ def runtime_checks(
     from benchmarks.parity import collect_masks
 
     record: dict[str, Any] = {}
-    with proxy_process(server.http_port, repository, f"proxy-{repository.name}") as proxy:
+    with proxy_process(
+        proxy_settings(server, repository),
+        LOG_DIR / f"proxy-{repository.name}.log",
+        health_path="/readyz",
+    ) as proxy:
         if plan.parity:
             record["parity_masks"] = collect_masks(proxy.base_url, photos)
         if plan.runtime_e2e is not None:

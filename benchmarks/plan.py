@@ -63,7 +63,7 @@ class Plan:
     queue_delay_levels: tuple[int, ...]
     fourth_cell: bool  # no batching with 2 instances x 1 thread (beyond the tutorial's three)
     parity: bool
-    parity_photos: int  # of the bundled photographs, in tests/photos.py order
+    parity_photos: int  # of the bundled photographs, in testkit.photos order
     runtime_e2e: Load | None  # cold requests through the proxy on each runtime variant
     # End to end
     compute_window: int  # encoder/decoder compute alone at concurrency 1 (perf windows)

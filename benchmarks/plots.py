@@ -22,6 +22,7 @@ from benchmarks.analysis import (
     perf_row,
     perf_rows,
 )
+from common import contract
 
 SIZE = (7.0, 2.8)
 DPI = 80
@@ -178,7 +179,7 @@ def delay_sweep(section: dict[str, Any] | None, path: Path) -> Path | None:
         return None
     by_level: dict[int, list[tuple[int, float]]] = {}
     for record in variants:
-        delay = record["configs"]["mobilesam_decoder"]["queue_delay_us"]
+        delay = record["configs"][contract.DECODER_MODEL]["queue_delay_us"]
         for row in perf_rows(record, DECODER):
             by_level.setdefault(row["concurrency"], []).append((delay, row["throughput"]))
     figure, axis = plt.subplots(figsize=(SIZE[0] / 2, SIZE[1]))

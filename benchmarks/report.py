@@ -23,13 +23,14 @@ from benchmarks.analysis import (
     load_row,
     perf_rows,
 )
-from benchmarks.common import PLOTS_DIR, REPORT_PATH, RESULTS_DIR, read_json
+from benchmarks.common import PLOTS_DIR, REPORT_PATH, RESULTS_DIR, SECTIONS, read_json
+from common import contract
 
-SECTIONS = ("run", "peak", "delay", "batching", "runtime", "e2e")
+RESULT_FILES = ("run", *SECTIONS)
 
 
 def load_results(results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
-    return {name: read_json(results_dir / f"{name}.json") for name in SECTIONS}
+    return {name: read_json(results_dir / f"{name}.json") for name in RESULT_FILES}
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -124,7 +125,7 @@ def header(results: dict[str, Any]) -> list[str]:
     stale = sorted(
         {
             (name, (results.get(name) or {}).get("mode"))
-            for name in SECTIONS[1:]
+            for name in SECTIONS
             if results.get(name) and run.get("sections") and name not in run.get("sections", [])
         }
     )
@@ -216,7 +217,7 @@ def peak_section(results: dict[str, Any]) -> list[str]:
     runtime = results.get("runtime")
     eff_rows = []
     for record in (runtime or {}).get("variants", []):
-        config = record["configs"]["mobilesam_encoder"]
+        config = record["configs"][contract.ENCODER_MODEL]
         fastest = analysis.best_encoder_compute(results, config)
         best = analysis.peak_gflops(peak, config["precision"])
         if fastest and best:

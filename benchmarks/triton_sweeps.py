@@ -5,7 +5,7 @@ part 2): no dynamic batching, dynamic batching, dynamic batching with several in
 the fourth cell of instances x threads, a queue-delay sweep for the decoder, and the runtime
 and precision variants. Every variant gets the same warm-up and the same levels, so the tables
 compare like with like; each level is perf_analyzer's own measurement (throughput, client
-latency percentiles and the server's queue / compute split) from `serving.perf`.
+latency percentiles and the server's queue / compute split) from `benchmarks.perf_analyzer`.
 
 The variants of a section are served side by side, each by its own Triton on its own ports,
 and measured level by level in turn: on a machine whose other tenants come and go, that keeps
@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 import tritonclient.http as httpclient
 
-from benchmarks.common import BENCH_DIR, LOG_DIR, free_port
+from benchmarks import perf_analyzer as perf
+from benchmarks.common import BENCH_DIR, LOG_DIR
 from benchmarks.variants import Variant, materialize
-from serving import perf
-from serving.settings import get_settings
+from common.settings import get_settings
 from serving.triton import TritonServer
+from testkit.ports import free_port
 
 log = logging.getLogger("bench.triton")
 

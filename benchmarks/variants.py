@@ -1,8 +1,8 @@
 """Variants of the model repository: the committed config.pbtxt files with a few fields edited.
 
 Every variant starts from the committed configuration, read from the files themselves, so a
-change to model_repository/ is what the next benchmark measures. The edits are the knobs the
-issue asks about: dynamic batching removed or present (with a queue delay), instance count,
+change to model_repository/ is what the next benchmark measures. The edits are the knobs that
+matter on a CPU: dynamic batching removed or present (with a queue delay), instance count,
 threads per instance, runtime and precision. Each variant is one folder under build/bench/
 served by its own Triton.
 """
@@ -14,9 +14,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.assets import EXPORT_DIR, SOURCE_REPOSITORY, copy_layout
+from benchmarks.assets import EXPORT_DIR
+from common import contract
+from testkit.repository import SOURCE_REPOSITORY, copy_layout
 
-MODELS = ("mobilesam_encoder", "mobilesam_decoder")
+MODELS = (contract.ENCODER_MODEL, contract.DECODER_MODEL)
 
 
 class ConfigEditError(ValueError):
@@ -166,7 +168,7 @@ def committed_variant(source: Path = SOURCE_REPOSITORY) -> Variant:
 
 def materialize(variant: Variant, root: Path, exported: Path = EXPORT_DIR) -> Path:
     """Write the variant's repository under `root` and return its path."""
-    target = copy_layout(variant.source, root / variant.name, exported)
+    target = copy_layout(root / variant.name, exported, source=variant.source)
     for model, config in variant.configs.items():
         path = target / model / "config.pbtxt"
         path.write_text(apply_config(path.read_text(), config))

@@ -7,10 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
+from common.settings import get_settings
 from export.checkpoint import resolve_checkpoint, sha256_of
 from export.errors import CheckpointError, VerificationError
 from export.manifest import ExportTarget, is_up_to_date, write_manifest
-from serving.settings import get_settings
 
 log = logging.getLogger("export")
 

@@ -16,8 +16,8 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
+from common.settings import OFFICIAL_CHECKPOINT_SHA256, OFFICIAL_CHECKPOINT_URL
 from export.errors import CheckpointError
-from serving.settings import OFFICIAL_CHECKPOINT_SHA256, OFFICIAL_CHECKPOINT_URL
 
 DOWNLOAD_TIMEOUT_S = 60
 POINT_AT_LOCAL_FILE = (

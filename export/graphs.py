@@ -22,6 +22,8 @@ from mobile_sam.modeling import Sam, tiny_vit_sam
 from mobile_sam.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 from torch import nn
 
+from common import contract
+
 
 def _batch_agnostic_patch_merging_forward(self: tiny_vit_sam.PatchMerging, x: torch.Tensor):
     """Upstream `PatchMerging.forward` with `len(x)` replaced by `x.shape[0]`.
@@ -178,8 +180,9 @@ class DecoderGraph(nn.Module):
         coords = (coords + 0.5) / self.image_size
         embedding = self.prompt_encoder.pe_layer._pe_encoding(coords)
         labels = labels.unsqueeze(-1).expand_as(embedding)
-        embedding = embedding * (labels != -1)
-        embedding = embedding + self.prompt_encoder.not_a_point_embed.weight * (labels == -1)
+        padding = labels == contract.PADDING_LABEL
+        embedding = embedding * ~padding
+        embedding = embedding + self.prompt_encoder.not_a_point_embed.weight * padding
         for i in range(self.prompt_encoder.num_point_embeddings):
             embedding = embedding + self.prompt_encoder.point_embeddings[i].weight * (labels == i)
         return embedding

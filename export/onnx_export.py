@@ -16,21 +16,11 @@ from pathlib import Path
 
 import torch
 
+from common import contract
 from export.graphs import DecoderGraph, EncoderGraph, batch_agnostic_tinyvit
 from export.manifest import EXPORT_FORMAT_VERSION
 
 OPSET = 17
-
-ENCODER_INPUTS = ["images", "input_size"]
-ENCODER_OUTPUTS = ["image_embeddings"]
-DECODER_INPUTS = [
-    "image_embeddings",
-    "point_coords",
-    "point_labels",
-    "mask_input",
-    "has_mask_input",
-]
-DECODER_OUTPUTS = ["low_res_masks", "iou_predictions"]
 
 
 @contextmanager
@@ -67,9 +57,11 @@ def export_encoder(sam, path: Path) -> None:
             str(path),
             dynamo=False,
             opset_version=OPSET,
-            input_names=ENCODER_INPUTS,
-            output_names=ENCODER_OUTPUTS,
-            dynamic_axes={name: {0: "batch"} for name in ENCODER_INPUTS + ENCODER_OUTPUTS},
+            input_names=list(contract.ENCODER_INPUTS),
+            output_names=list(contract.ENCODER_OUTPUTS),
+            dynamic_axes={
+                name: {0: "batch"} for name in contract.ENCODER_INPUTS + contract.ENCODER_OUTPUTS
+            },
         )
 
 
@@ -87,13 +79,13 @@ def export_decoder(sam, path: Path) -> None:
         torch.zeros(batch, 1),
     )
     axes = {
-        "image_embeddings": {0: "batch"},
-        "point_coords": {0: "batch", 1: "prompts", 2: "points"},
-        "point_labels": {0: "batch", 1: "prompts", 2: "points"},
-        "mask_input": {0: "batch", 1: "masks"},
-        "has_mask_input": {0: "batch", 1: "masks"},
-        "low_res_masks": {0: "batch", 1: "prompts"},
-        "iou_predictions": {0: "batch", 1: "prompts"},
+        contract.IMAGE_EMBEDDINGS: {0: "batch"},
+        contract.POINT_COORDS: {0: "batch", 1: "prompts", 2: "points"},
+        contract.POINT_LABELS: {0: "batch", 1: "prompts", 2: "points"},
+        contract.MASK_INPUT: {0: "batch", 1: "masks"},
+        contract.HAS_MASK_INPUT: {0: "batch", 1: "masks"},
+        contract.LOW_RES_MASKS: {0: "batch", 1: "prompts"},
+        contract.IOU_PREDICTIONS: {0: "batch", 1: "prompts"},
     }
     with quiet_tracing(), torch.no_grad():
         torch.onnx.export(
@@ -102,8 +94,8 @@ def export_decoder(sam, path: Path) -> None:
             str(path),
             dynamo=False,
             opset_version=OPSET,
-            input_names=DECODER_INPUTS,
-            output_names=DECODER_OUTPUTS,
+            input_names=list(contract.DECODER_INPUTS),
+            output_names=list(contract.DECODER_OUTPUTS),
             dynamic_axes=axes,
         )
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import contract
 from export.errors import VerificationError
 
 # max |onnx - torch| must stay below ABSOLUTE + RELATIVE * max |torch|.
@@ -81,7 +82,7 @@ def verify_encoder(sam, onnx_path: Path, seed: int = 0) -> tuple[dict, np.ndarra
         for i, image in enumerate(images):
             padded[i, : image.shape[0], : image.shape[1]] = image
         input_size = np.array([image.shape[:2] for image in images], dtype=np.int32)
-        (onnx_out,) = session.run(None, {"images": padded, "input_size": input_size})
+        (onnx_out,) = session.run(None, {contract.IMAGES: padded, contract.INPUT_SIZE: input_size})
         with torch.no_grad():
             reference = torch.cat(
                 [
@@ -121,10 +122,10 @@ def decoder_wire_inputs(case: PromptCase) -> tuple[np.ndarray, np.ndarray]:
     labels = list(case.labels)
     if case.box:
         coords += [[case.box[0], case.box[1]], [case.box[2], case.box[3]]]
-        labels += [2, 3]
+        labels += [contract.BOX_TOP_LEFT_LABEL, contract.BOX_BOTTOM_RIGHT_LABEL]
     else:
         coords.append([0.0, 0.0])
-        labels.append(-1)
+        labels.append(contract.PADDING_LABEL)
     return np.array(coords, dtype=np.float32), np.array(labels, dtype=np.float32)
 
 
@@ -144,11 +145,11 @@ def verify_decoder(sam, onnx_path: Path, embeddings: np.ndarray, seed: int = 0) 
         masks, iou = session.run(
             None,
             {
-                "image_embeddings": embedding,
-                "point_coords": coords[None, None],
-                "point_labels": labels[None, None],
-                "mask_input": mask_input,
-                "has_mask_input": np.full((1, 1), float(case.with_mask), dtype=np.float32),
+                contract.IMAGE_EMBEDDINGS: embedding,
+                contract.POINT_COORDS: coords[None, None],
+                contract.POINT_LABELS: labels[None, None],
+                contract.MASK_INPUT: mask_input,
+                contract.HAS_MASK_INPUT: np.full((1, 1), float(case.with_mask), dtype=np.float32),
             },
         )
         ref_masks, ref_iou = reference_decode(sam, torch.as_tensor(embedding), case, mask)
@@ -165,11 +166,11 @@ def verify_decoder(sam, onnx_path: Path, embeddings: np.ndarray, seed: int = 0) 
     masks, iou = session.run(
         None,
         {
-            "image_embeddings": batch_embeddings,
-            "point_coords": coords,
-            "point_labels": labels,
-            "mask_input": np.zeros((2, 1, 1, mask_side, mask_side), dtype=np.float32),
-            "has_mask_input": np.zeros((2, 1), dtype=np.float32),
+            contract.IMAGE_EMBEDDINGS: batch_embeddings,
+            contract.POINT_COORDS: coords,
+            contract.POINT_LABELS: labels,
+            contract.MASK_INPUT: np.zeros((2, 1, 1, mask_side, mask_side), dtype=np.float32),
+            contract.HAS_MASK_INPUT: np.zeros((2, 1), dtype=np.float32),
         },
     )
     for image in range(2):

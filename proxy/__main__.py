@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import uvicorn
 
+from common.settings import get_settings
 from proxy.app import create_app
-from serving.settings import get_settings
 
 
 def main() -> None:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from common.settings import Settings, get_settings
 from proxy.cache import EmbeddingCache
 from proxy.metrics import ProxyMetrics
 from proxy.middleware import BodySizeLimit, RequestMetrics
 from proxy.problems import install_problem_handlers
 from proxy.routes import router
-from proxy.service import SegmentationService
+from proxy.service import ModelGateway, SegmentationService
 from proxy.triton_client import TritonGateway
-from serving.settings import Settings, get_settings
 
 # Room for the form fields (prompts, options) beside the file itself.
 FORM_FIELDS_ALLOWANCE_BYTES = 1024 * 1024
@@ -26,13 +26,20 @@ the encoder again. Errors are `application/problem+json` with a machine-readable
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+GatewayFactory = Callable[[Settings, ProxyMetrics], ModelGateway]
+
+
+def create_app(
+    settings: Settings | None = None, gateway_factory: GatewayFactory = TritonGateway
+) -> FastAPI:
+    """The app; `gateway_factory` makes the models' client when the app starts (Triton's,
+    or a stand-in in tests)."""
     settings = settings or get_settings()
     metrics = ProxyMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        gateway = TritonGateway(settings, metrics)
+        gateway = gateway_factory(settings, metrics)
         cache = EmbeddingCache(settings.embedding_cache_bytes)
         app.state.service = SegmentationService(settings, gateway, cache, metrics)
         try:
@@ -48,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    install_problem_handlers(app)
+    install_problem_handlers(app, settings)
     app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes + FORM_FIELDS_ALLOWANCE_BYTES)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees every status

@@ -36,8 +36,6 @@ class EmbeddingCache:
         self._entries: OrderedDict[tuple[str, str], CachedImage] = OrderedDict()
         self._in_flight: dict[tuple[str, str], asyncio.Future[CachedImage]] = {}
         self.used_bytes = 0
-        self.hits = 0
-        self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -66,7 +64,6 @@ class EmbeddingCache:
         """Returns the entry and whether it was a hit (a shared in-flight miss counts as one)."""
         entry = self.get(key)
         if entry is not None:
-            self.hits += 1
             return entry, True
         pending = self._in_flight.get(key)
         if pending is not None:
@@ -75,9 +72,7 @@ class EmbeddingCache:
             except Exception:
                 # The other request's failure may be its own (its prompts, say): try ourselves.
                 return await self.get_or_compute(key, compute)
-            self.hits += 1
             return entry, True
-        self.misses += 1
         future: asyncio.Future[CachedImage] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:

@@ -14,18 +14,18 @@ from PIL import Image
 Size = tuple[int, int]  # (height, width), upstream's order
 
 
-def preprocess_shape(height: int, width: int, long_side: int) -> Size:
+def preprocess_shape(height: int, width: int, image_side: int) -> Size:
     """Upstream `ResizeLongestSide.get_preprocess_shape`, same float arithmetic and rounding."""
-    scale = long_side * 1.0 / max(height, width)
+    scale = image_side * 1.0 / max(height, width)
     new_h, new_w = height * scale, width * scale
     return int(new_h + 0.5), int(new_w + 0.5)
 
 
-def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:
+def resize_longest_side(image: np.ndarray, image_side: int) -> np.ndarray:
     """Upstream `ResizeLongestSide.apply_image` for an HxWx3 uint8 array."""
-    new_h, new_w = preprocess_shape(image.shape[0], image.shape[1], long_side)
+    new_h, new_w = preprocess_shape(image.shape[0], image.shape[1], image_side)
     if new_h == 0 or new_w == 0:
-        # Upstream fails here too (an aspect ratio beyond about 2 * long_side : 1).
+        # Upstream fails here too (an aspect ratio beyond about 2 * image_side : 1).
         raise ValueError(
             f"a {image.shape[1]}x{image.shape[0]} image would resize to {new_w}x{new_h}"
         )
@@ -43,23 +43,23 @@ def pad_to_square(image: np.ndarray, side: int) -> np.ndarray:
     return padded
 
 
-def prepare_image(image: np.ndarray, long_side: int) -> tuple[np.ndarray, Size]:
+def prepare_image(image: np.ndarray, image_side: int) -> tuple[np.ndarray, Size]:
     """Original RGB image -> (encoder `images` item, encoder `input_size` item)."""
-    resized = resize_longest_side(image, long_side)
-    return pad_to_square(resized, long_side), (resized.shape[0], resized.shape[1])
+    resized = resize_longest_side(image, image_side)
+    return pad_to_square(resized, image_side), (resized.shape[0], resized.shape[1])
 
 
-def apply_coords(coords: np.ndarray, original_size: Size, long_side: int) -> np.ndarray:
+def apply_coords(coords: np.ndarray, original_size: Size, image_side: int) -> np.ndarray:
     """Upstream `ResizeLongestSide.apply_coords`: (x, y) in original pixels -> resized frame."""
     old_h, old_w = original_size
-    new_h, new_w = preprocess_shape(old_h, old_w, long_side)
+    new_h, new_w = preprocess_shape(old_h, old_w, image_side)
     coords = np.array(coords, dtype=float)  # A float64 copy, as upstream's deepcopy + astype.
     coords[..., 0] = coords[..., 0] * (new_w / old_w)
     coords[..., 1] = coords[..., 1] * (new_h / old_h)
     return coords
 
 
-def apply_boxes(boxes: np.ndarray, original_size: Size, long_side: int) -> np.ndarray:
+def apply_boxes(boxes: np.ndarray, original_size: Size, image_side: int) -> np.ndarray:
     """Upstream `ResizeLongestSide.apply_boxes`: XYXY boxes -> resized frame, shape [B, 4]."""
-    boxes = apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size, long_side)
+    boxes = apply_coords(np.asarray(boxes).reshape(-1, 2, 2), original_size, image_side)
     return boxes.reshape(-1, 4)

@@ -2,8 +2,8 @@
 
 The size limits are checked against the header before any pixel is decoded (Pillow's
 `Image.open` is lazy), so a tiny file that declares a huge image costs nothing. Every failure
-is an `ImageError` carrying the HTTP status and a machine-readable code, so the app can turn
-it into a 4xx without knowing Pillow's exception zoo.
+is an `ImageError` with a machine-readable code, so the HTTP layer can turn it into a 4xx
+without knowing Pillow's exception zoo.
 
 Colour choices (they decide what the encoder sees, so they are deliberate):
 
@@ -19,10 +19,17 @@ from __future__ import annotations
 
 import io
 import re
-from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from proxy.errors import (
+    CorruptImage,
+    EmptyImage,
+    ImageError,
+    ImageTooLarge,
+    UnsupportedImageFormat,
+)
 
 # Pillow's decoder names. The JPEG decoder also opens MPO, the multi-picture JPEG that many
 # cameras write, and then reports the format as "MPO" (its first frame is the photo).
@@ -42,33 +49,6 @@ _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 # Decoding must fail on a cut-off file, never hand back a half-grey picture: Pillow's global
 # `ImageFile.LOAD_TRUNCATED_IMAGES` must stay False (a test pins it), and `load()` runs inside
 # the try below so the truncation error is ours to translate.
-
-
-class ImageError(ValueError):
-    """An upload that is not a usable image; `status` and `code` go into the 4xx body."""
-
-    status: ClassVar[int] = 422
-    code: ClassVar[str] = "invalid_image"
-
-
-class EmptyImage(ImageError):
-    status = 422
-    code = "empty_file"
-
-
-class UnsupportedImageFormat(ImageError):
-    status = 415
-    code = "unsupported_media_type"
-
-
-class ImageTooLarge(ImageError):
-    status = 422
-    code = "image_too_large"
-
-
-class CorruptImage(ImageError):
-    status = 422
-    code = "corrupt_image"
 
 
 def decode_image(data: bytes, *, max_pixels: int, max_side: int) -> np.ndarray:

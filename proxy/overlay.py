@@ -68,6 +68,13 @@ def _draw_label(picture: np.ndarray, label: str) -> None:
     )
 
 
+def overlay_png(image: np.ndarray, masks: Sequence[np.ndarray], areas: Sequence[int]) -> bytes:
+    """The PNG of `render_overlay`, labelled with the object count."""
+    count = len(masks)
+    label = f"{count} object" + ("" if count == 1 else "s")
+    return encode_png(render_overlay(image, masks, label, areas))
+
+
 def encode_png(picture: np.ndarray) -> bytes:
     ok, buffer = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
     if not ok:

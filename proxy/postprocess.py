@@ -15,7 +15,8 @@ import math
 import cv2
 import numpy as np
 
-from .geometry import Size
+from common.contract import DEFAULT_IMAGE_SIDE
+from proxy.geometry import Size
 
 MASK_THRESHOLD = 0.0  # upstream `Sam.mask_threshold`
 STABILITY_SCORE_OFFSET = 1.0  # upstream `SamAutomaticMaskGenerator` default
@@ -33,11 +34,11 @@ def select_masks(
 
 
 def postprocess_masks(
-    masks: np.ndarray, input_size: Size, original_size: Size, image_size: int = 1024
+    masks: np.ndarray, input_size: Size, original_size: Size, image_side: int = DEFAULT_IMAGE_SIDE
 ) -> np.ndarray:
     """Upstream `Sam.postprocess_masks`: [..., 256, 256] logits -> [..., H, W] float32 logits.
 
-    Upsample to image_size x image_size, crop the padding away (input_size is the resized
+    Upsample to image_side x image_side, crop the padding away (input_size is the resized
     image's (h, w)), resize to original_size (h, w), all bilinear with align_corners=False.
     """
     low_h, low_w = masks.shape[-2:]
@@ -45,7 +46,7 @@ def postprocess_masks(
     flat = masks.reshape(-1, low_h, low_w)
     out = np.empty((flat.shape[0], out_h, out_w), dtype=np.float32)
     for index, mask in enumerate(flat):
-        postprocess_mask(mask, input_size, original_size, image_size, out=out[index])
+        postprocess_mask(mask, input_size, original_size, image_side, out=out[index])
     return out.reshape(*masks.shape[:-2], out_h, out_w)
 
 
@@ -53,7 +54,7 @@ def postprocess_mask(
     mask: np.ndarray,
     input_size: Size,
     original_size: Size,
-    image_size: int = 1024,
+    image_side: int = DEFAULT_IMAGE_SIDE,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """`postprocess_masks` for one [256, 256] mask, optionally into a reused float32 buffer.
@@ -64,13 +65,13 @@ def postprocess_mask(
     out_h, out_w = original_size
     if out is None:
         out = np.empty((out_h, out_w), dtype=np.float32)
-    cropped = _upsample_cropped(mask, input_size, image_size)
+    cropped = _upsample_cropped(mask, input_size, image_side)
     cv2.resize(cropped, (out_w, out_h), dst=out, interpolation=cv2.INTER_LINEAR)
     return out
 
 
-def _upsample_cropped(mask: np.ndarray, input_size: Size, image_size: int) -> np.ndarray:
-    """`interpolate(mask, image_size)[:h, :w]` without computing the rows and columns dropped.
+def _upsample_cropped(mask: np.ndarray, input_size: Size, image_side: int) -> np.ndarray:
+    """`interpolate(mask, image_side)[:h, :w]` without computing the rows and columns dropped.
 
     With an integer factor f, output pixel i reads source pixels floor((i + 0.5) / f - 0.5)
     and one more, so the first ceil(n / f) + 1 source rows give the first n output rows
@@ -79,9 +80,9 @@ def _upsample_cropped(mask: np.ndarray, input_size: Size, image_size: int) -> np
     mask = mask.astype(np.float32, copy=False)
     low_h, low_w = mask.shape
     in_h, in_w = input_size
-    factor_h, factor_w = image_size // low_h, image_size // low_w
-    if factor_h * low_h != image_size or factor_w * low_w != image_size:
-        full = cv2.resize(mask, (image_size, image_size), interpolation=cv2.INTER_LINEAR)
+    factor_h, factor_w = image_side // low_h, image_side // low_w
+    if factor_h * low_h != image_side or factor_w * low_w != image_side:
+        full = cv2.resize(mask, (image_side, image_side), interpolation=cv2.INTER_LINEAR)
         return full[:in_h, :in_w]
     rows = min(low_h, math.ceil(in_h / factor_h) + 1)
     cols = min(low_w, math.ceil(in_w / factor_w) + 1)

@@ -1,8 +1,9 @@
 """Every error leaves the proxy as an RFC 9457 problem document with a machine-readable code.
 
-`ProblemError` is raised anywhere in the request path; the handlers registered by
-`install_problem_handlers` turn it, FastAPI's validation errors, plain HTTP errors and any
-unexpected exception into `application/problem+json`.
+The domain errors of `proxy.errors` are raised where they happen; this module alone decides
+their HTTP status (`STATUS`) and headers. The handlers registered by `install_problem_handlers`
+turn them, FastAPI's validation errors, plain HTTP errors and any unexpected exception into
+`application/problem+json`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from common.settings import Settings
+from proxy import errors
 
 log = logging.getLogger("proxy")
 
@@ -32,24 +36,30 @@ TITLES = {
 }
 
 
-class ProblemError(Exception):
-    """An error with an HTTP status, a stable `code` for machines and a `detail` for people."""
+# The status of each domain error; a subclass not listed takes its nearest listed base's.
+STATUS: dict[type[errors.ServiceError], int] = {
+    errors.ServiceError: 500,
+    errors.ImageRequired: 422,
+    errors.PayloadTooLarge: 413,
+    errors.UnknownImageId: 404,
+    errors.InvalidParameter: 422,
+    errors.PromptError: 422,
+    errors.ImageError: 422,
+    errors.UnsupportedImageFormat: 415,
+    errors.TritonUnavailable: 503,
+    errors.TritonTimeout: 504,
+    errors.TritonFailed: 502,
+}
+# Worth retrying after `Retry-After` seconds.
+RETRY_LATER = (errors.TritonUnavailable,)
 
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        detail: str,
-        *,
-        headers: dict[str, str] | None = None,
-        **extensions: Any,
-    ) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-        self.headers = headers or {}
-        self.extensions = extensions
+
+def status_of(error: errors.ServiceError | type[errors.ServiceError]) -> int:
+    """The HTTP status of a domain error (or error class)."""
+    for cls in (error if isinstance(error, type) else type(error)).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    raise TypeError(f"{type(error).__name__} is not a ServiceError")
 
 
 def problem_body(status: int, code: str, detail: str, **extensions: Any) -> dict[str, Any]:
@@ -85,10 +95,13 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
-def install_problem_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ProblemError)
-    async def _problem(request: Request, exc: ProblemError) -> JSONResponse:
-        return problem_response(exc.status, exc.code, exc.detail, exc.headers, **exc.extensions)
+def install_problem_handlers(app: FastAPI, settings: Settings) -> None:
+    @app.exception_handler(errors.ServiceError)
+    async def _service_error(request: Request, exc: errors.ServiceError) -> JSONResponse:
+        headers = None
+        if isinstance(exc, RETRY_LATER):
+            headers = {"Retry-After": str(settings.triton_retry_after_s)}
+        return problem_response(status_of(exc), exc.code, exc.detail, headers, **exc.extensions)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

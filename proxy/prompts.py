@@ -22,29 +22,24 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
-from .geometry import Size, apply_boxes, apply_coords
+from common.contract import (
+    BACKGROUND_LABEL,
+    BOX_BOTTOM_RIGHT_LABEL,
+    BOX_TOP_LEFT_LABEL,
+    FOREGROUND_LABEL,
+    PADDING_LABEL,
+)
+from proxy.errors import PromptError
+from proxy.geometry import Size, apply_boxes, apply_coords
 
 PROMPT_FIELDS = ("points", "labels", "box")
-FOREGROUND, BACKGROUND = 1, 0
-PADDING_LABEL, BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL = -1, 2, 3
 
 Point = tuple[float, float]
 Box = tuple[float, float, float, float]
-
-
-class PromptError(ValueError):
-    """A prompt the API refuses; `code` is machine-readable, `location` says where."""
-
-    status: ClassVar[int] = 422
-
-    def __init__(self, code: str, message: str, location: str = "prompts") -> None:
-        super().__init__(f"{location}: {message}")
-        self.code = code
-        self.location = location
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +165,7 @@ def _parse_point(raw: Any, where: str, limits: _Limits) -> Point:
 
 def _parse_labels(raw: Any, n_points: int, where: str) -> tuple[int, ...]:
     if raw is None:
-        return (FOREGROUND,) * n_points
+        return (FOREGROUND_LABEL,) * n_points
     if not isinstance(raw, list):
         raise PromptError("invalid_labels", f"must be a list of 0/1, got {_kind(raw)}", where)
     if n_points == 0 and raw:
@@ -182,7 +177,7 @@ def _parse_labels(raw: Any, n_points: int, where: str) -> tuple[int, ...]:
             where,
         )
     for i, label in enumerate(raw):
-        if not _is_int(label) or label not in (FOREGROUND, BACKGROUND):
+        if not _is_int(label) or label not in (FOREGROUND_LABEL, BACKGROUND_LABEL):
             raise PromptError(
                 "invalid_label",
                 f"must be 1 (foreground) or 0 (background), got {_short(label)}",
@@ -260,7 +255,7 @@ def _is_json(value: Any) -> bool:
 
 
 def prompt_to_decoder_arrays(
-    prompt: Prompt, original_size: Size, long_side: int
+    prompt: Prompt, original_size: Size, image_side: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(point_coords [N, 2], point_labels [N]) float32, as `SamPredictor.predict` embeds them.
 
@@ -271,10 +266,10 @@ def prompt_to_decoder_arrays(
     coords: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     if prompt.points:
-        coords.append(apply_coords(np.array(prompt.points), original_size, long_side))
+        coords.append(apply_coords(np.array(prompt.points), original_size, image_side))
         labels.append(np.array(prompt.labels, dtype=np.float32))
     if prompt.box is not None:
-        coords.append(apply_boxes(np.array(prompt.box), original_size, long_side).reshape(2, 2))
+        coords.append(apply_boxes(np.array(prompt.box), original_size, image_side).reshape(2, 2))
         labels.append(np.array([BOX_TOP_LEFT_LABEL, BOX_BOTTOM_RIGHT_LABEL], dtype=np.float32))
     else:
         coords.append(np.zeros((1, 2)))

@@ -1,4 +1,4 @@
-"""HTTP routes: request parsing and validation, then the pipeline in `proxy.service`."""
+"""HTTP routes: form parsing, then the service's steps in order (see `proxy.service`)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from proxy.amg import AmgParams, AmgParamsError
+from common.settings import Settings
 from proxy.encodings import OutputFormat
+from proxy.errors import ImageRequired, PayloadTooLarge
+from proxy.everything.params import AmgParams
 from proxy.metrics import ProxyMetrics
-from proxy.problems import ProblemError, problem_response
-from proxy.prompts import Prompt, PromptError, parse_prompts
+from proxy.problems import problem_response
 from proxy.schemas import EmbedResponse, EverythingResponse, SegmentResponse
-from proxy.service import SegmentationService, Timings
-from serving.settings import Settings
+from proxy.service import EmbeddedImage, SegmentationService
+from proxy.timings import Timings
 
 router = APIRouter()
 
@@ -51,35 +52,13 @@ AppSettings = Annotated[Settings, Depends(get_settings)]
 async def read_upload(file: UploadFile | None, image_id: str | None, limit: int) -> bytes | None:
     """The uploaded bytes, or None when an image_id is given instead; exactly one is allowed."""
     if (file is None) == (image_id is None):
-        raise ProblemError(
-            422, "image_required", "send exactly one of `file` (an image) or `image_id`"
-        )
+        raise ImageRequired("send exactly one of `file` (an image) or `image_id`")
     if file is None:
         return None
     data = await file.read(limit + 1)
     if len(data) > limit:
-        raise ProblemError(
-            413,
-            "payload_too_large",
-            f"file is over the limit of {limit} bytes",
-            limit_bytes=limit,
-        )
+        raise PayloadTooLarge(f"file is over the limit of {limit} bytes", limit_bytes=limit)
     return data
-
-
-def parse_or_reject(raw: str, original_size: tuple[int, int], settings: Settings) -> list[Prompt]:
-    height, width = original_size
-    try:
-        return parse_prompts(
-            raw,
-            width=width,
-            height=height,
-            max_prompts=settings.max_prompts,
-            max_points=settings.max_points_per_prompt,
-            coordinate_margin=settings.prompt_coordinate_margin * max(width, height),
-        )
-    except PromptError as exc:
-        raise ProblemError(422, exc.code, str(exc)) from exc
 
 
 @router.post(
@@ -95,10 +74,14 @@ async def embed_image(
 ) -> EmbedResponse:
     timings = Timings()
     data = await read_upload(file, None, settings.max_upload_bytes)
-    image_id, entry, hit = await service.embed(data, None, timings)
-    height, width = entry.original_size
+    image = await service.embed(await service.open_image(data, None, timings), timings)
+    height, width = image.size
     return EmbedResponse(
-        image_id=image_id, width=width, height=height, cache_hit=hit, timings_ms=timings.report()
+        image_id=image.image_id,
+        width=width,
+        height=height,
+        cache_hit=image.cache_hit,
+        timings_ms=timings.report(),
     )
 
 
@@ -131,10 +114,7 @@ def amg_params(
 ) -> AmgParams:
     """Segment-everything settings: upstream's names and defaults, overridable per request."""
     given = {name: value for name, value in locals().items() if value is not None}
-    try:
-        return AmgParams.from_mapping(given)
-    except AmgParamsError as exc:
-        raise ProblemError(422, "invalid_parameter", str(exc), field=exc.field) from exc
+    return AmgParams.from_mapping(given)
 
 
 @router.post(
@@ -183,25 +163,21 @@ async def segment_image(
 ) -> SegmentResponse | EverythingResponse | Response:
     timings = Timings()
     data = await read_upload(file, image_id, settings.max_upload_bytes)
+    image = await service.open_image(data, image_id, timings)  # decoded: its size is known
     if prompts is None or not prompts.strip():
+        embedded = await service.embed(image, timings)
         return await segment_everything(
-            request, service, data, image_id, params, output_format, return_overlay, timings
+            request, service, embedded, params, output_format, return_overlay, timings
         )
-    parsed: list[Prompt] = []
-
-    def validate(original_size: tuple[int, int]) -> None:
-        parsed[:] = parse_or_reject(prompts, original_size, settings)
-
-    image_id, entry, hit = await service.embed(data, image_id, timings, validate)
-    if not parsed:  # a cache hit: nothing was decoded, so validate against the cached size
-        validate(entry.original_size)
-    height, width = entry.original_size
-    results = await service.segment(entry, parsed, multimask_output, output_format, timings)
+    parsed = service.parse_prompts(prompts, image.size)  # before any inference
+    embedded = await service.embed(image, timings)
+    results = await service.segment(embedded, parsed, multimask_output, output_format, timings)
+    height, width = embedded.size
     return SegmentResponse(
-        image_id=image_id,
+        image_id=embedded.image_id,
         width=width,
         height=height,
-        cache_hit=hit,
+        cache_hit=embedded.cache_hit,
         results=[{"masks": records} for records in results],
         timings_ms=timings.report(),
     )
@@ -210,33 +186,31 @@ async def segment_image(
 async def segment_everything(
     request: Request,
     service: SegmentationService,
-    data: bytes | None,
-    image_id: str | None,
+    image: EmbeddedImage,
     params: AmgParams,
     output_format: OutputFormat,
     return_overlay: bool,
     timings: Timings,
 ) -> EverythingResponse | Response:
     png_only = wants_png(request)
-    image_id, entry, hit = await service.embed(data, image_id, timings)
-    records, overlay_png = await service.segment_everything(
-        image_id, entry, params, output_format, return_overlay or png_only, timings
+    result = await service.segment_everything(
+        image, params, output_format, return_overlay or png_only, timings
     )
     if png_only:
         return Response(
-            overlay_png,
+            result.overlay_png,
             media_type="image/png",
-            headers={"X-Object-Count": str(len(records)), "X-Image-Id": image_id},
+            headers={"X-Object-Count": str(len(result.records)), "X-Image-Id": image.image_id},
         )
-    height, width = entry.original_size
+    height, width = image.size
     return EverythingResponse(
-        image_id=image_id,
+        image_id=image.image_id,
         width=width,
         height=height,
-        cache_hit=hit,
-        count=len(records),
-        masks=records,
-        overlay_png=base64.b64encode(overlay_png).decode() if overlay_png else None,
+        cache_hit=image.cache_hit,
+        count=len(result.records),
+        masks=result.records,
+        overlay_png=base64.b64encode(result.overlay_png).decode() if result.overlay_png else None,
         timings_ms=timings.report(),
     )
 

@@ -1,7 +1,14 @@
-"""The segmentation pipeline: image -> (cached) embedding -> batched decoder calls -> records.
+"""The segmentation service: image -> (cached) embedding -> decoder calls -> mask records.
 
-No HTTP here: routes parse the request and hand over bytes and prompts. CPU-heavy steps
-(decoding, resizing, post-processing) run in worker threads so the event loop keeps serving.
+No HTTP here: the routes parse a request and call these steps in order,
+
+    image = await service.open_image(upload, image_id)    # decoded, or found in the cache
+    prompts = service.parse_prompts(raw, image.size)      # rejected before any inference
+    embedded = await service.embed(image)                 # the encoder, unless cached
+    results = await service.segment(embedded, prompts)    # the decoder, then the records
+
+or `segment_everything(embedded, params)` instead of the last two. CPU-heavy steps (decoding,
+resizing, post-processing) run in worker threads so that the event loop keeps serving.
 """
 
 from __future__ import annotations
@@ -9,49 +16,80 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import aclosing, contextmanager
+from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 from anyio import to_thread
 
-from proxy import amg, encodings, geometry, imaging, overlay, postprocess
+from common.settings import Settings
+from proxy import encodings, geometry, imaging, overlay
 from proxy.cache import CachedImage, EmbeddingCache
+from proxy.errors import DegenerateImage, UnknownImageId
+from proxy.everything.crops import CropJob
+from proxy.everything.masks import LazyMasks, MaskData, to_records
+from proxy.everything.params import AmgParams
+from proxy.everything.pipeline import generate_masks
+from proxy.geometry import Size
 from proxy.metrics import ProxyMetrics
-from proxy.problems import ProblemError
-from proxy.prompts import Prompt, group_prompts_by_length, prompt_to_decoder_arrays
-from proxy.triton_client import TritonGateway
-from serving.settings import Settings
+from proxy.prompts import (
+    Prompt,
+    group_prompts_by_length,
+    parse_prompts,
+    prompt_to_decoder_arrays,
+    stack_prompts,
+)
+from proxy.records import prompt_records
+from proxy.timings import Timings
 
-# Decoder calls in flight per crop in segment-everything: one computing, one queued.
-DECODER_WINDOW = 2
-T = TypeVar("T")
-R = TypeVar("R")
-SizeCheck = Callable[[tuple[int, int]], None]
+
+class ModelGateway(Protocol):
+    """The networks behind the service: `proxy.triton_client.TritonGateway` in production."""
+
+    async def image_side(self) -> int: ...
+
+    async def encode(self, padded_image: np.ndarray, input_size: Size) -> np.ndarray: ...
+
+    async def decode(
+        self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    async def readiness(self) -> dict[str, bool]: ...
+
+    async def close(self) -> None: ...
 
 
-class Timings:
-    """Milliseconds per pipeline stage, reported back to the client."""
+@dataclass(frozen=True)
+class OpenedImage:
+    """An image whose size is known: decoded from an upload, or found in the cache."""
 
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.ms: dict[str, float] = {}
+    image_id: str
+    size: Size  # (height, width)
+    cached: CachedImage | None  # the cache entry, when the encoder already ran
+    pixels: np.ndarray | None = None  # HxWx3 uint8, when decoded by this request
+    source: bytes = b""  # the uploaded file, kept with the embedding
 
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            elapsed = (time.perf_counter() - started) * 1000
-            self.ms[name] = round(self.ms.get(name, 0.0) + elapsed, 2)
 
-    def report(self) -> dict[str, float]:
-        return {**self.ms, "total": round((time.perf_counter() - self.started) * 1000, 2)}
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """An image with its embedding; `cache_hit` when this request did not run the encoder."""
+
+    image_id: str
+    entry: CachedImage
+    cache_hit: bool
+    pixels: np.ndarray | None = None
+
+    @property
+    def size(self) -> Size:
+        return self.entry.original_size
+
+
+@dataclass(frozen=True)
+class EverythingResult:
+    masks: MaskData
+    records: list[dict[str, Any]]
+    overlay_png: bytes | None
 
 
 def model_identity(settings: Settings) -> str:
@@ -72,7 +110,7 @@ class SegmentationService:
     def __init__(
         self,
         settings: Settings,
-        gateway: TritonGateway,
+        gateway: ModelGateway,
         cache: EmbeddingCache,
         metrics: ProxyMetrics,
     ) -> None:
@@ -82,301 +120,197 @@ class SegmentationService:
         self.metrics = metrics
         self.identity = model_identity(settings)
 
-    # --- embeddings ------------------------------------------------------------------------
+    # --- images and embeddings ---------------------------------------------------------------
 
-    async def embed(
-        self,
-        data: bytes | None,
-        image_id: str | None,
-        timings: Timings,
-        validate: SizeCheck | None = None,
-    ) -> tuple[str, CachedImage, bool]:
-        """The embedding of an upload or of an earlier image_id; returns (id, entry, hit).
-
-        `validate` sees the image size after decoding and before the encoder runs, so that
-        bad prompts are rejected without spending an encoder call on them.
-        """
-        if data is not None:
-            image_id = image_id_for(data)
-        key = (self.identity, image_id)
+    async def open_image(
+        self, data: bytes | None, image_id: str | None, timings: Timings
+    ) -> OpenedImage:
+        """An upload (decoded unless its embedding is cached) or an earlier image_id."""
         if data is None:
-            entry = self.cache.get(key)
+            entry = self.cache.get(self._key(image_id))
             if entry is None:
                 self.metrics.cache_lookups.labels(result="miss").inc()
-                raise ProblemError(
-                    404,
-                    "unknown_image_id",
-                    f"image_id {image_id} is not (or no longer) cached; upload the file again",
+                raise UnknownImageId(
+                    f"image_id {image_id} is not (or no longer) cached; upload the file again"
                 )
-            hit = True
+            return OpenedImage(image_id, entry.original_size, entry)
+        image_id = image_id_for(data)
+        entry = self.cache.get(self._key(image_id))
+        if entry is not None:
+            return OpenedImage(image_id, entry.original_size, entry)
+        pixels = await self._decode_pixels(data, timings)
+        return OpenedImage(image_id, pixels.shape[:2], None, pixels, data)
+
+    def parse_prompts(self, raw: str, size: Size) -> list[Prompt]:
+        """The request's prompts, validated against the image's size and the limits."""
+        height, width = size
+        return parse_prompts(
+            raw,
+            width=width,
+            height=height,
+            max_prompts=self.settings.max_prompts,
+            max_points=self.settings.max_points_per_prompt,
+            coordinate_margin=self.settings.prompt_coordinate_margin * max(width, height),
+        )
+
+    async def embed(self, image: OpenedImage, timings: Timings) -> EmbeddedImage:
+        """The image's embedding: from the cache, or from one encoder call shared by every
+        concurrent request for the same image."""
+        if image.cached is not None:
+            entry, hit = image.cached, True
         else:
-            entry, hit = await self.cache.get_or_compute(
-                key, partial(self._encode, data, timings, validate)
-            )
+            assert image.pixels is not None
+
+            async def encode() -> CachedImage:
+                return await self._encode_pixels(image.pixels, timings, image.source)
+
+            entry, hit = await self.cache.get_or_compute(self._key(image.image_id), encode)
         self.metrics.cache_lookups.labels(result="hit" if hit else "miss").inc()
         self.metrics.cache_bytes.set(self.cache.used_bytes)
         self.metrics.cache_entries.set(len(self.cache))
-        return image_id, entry, hit
+        return EmbeddedImage(image.image_id, entry, hit, image.pixels)
 
-    async def _encode(
-        self, data: bytes, timings: Timings, validate: SizeCheck | None
-    ) -> CachedImage:
-        image = await self._decode_pixels(data, timings)
-        if validate is not None:
-            validate(image.shape[:2])
-        return await self._encode_pixels(image, timings, source=data)
+    def _key(self, image_id: str) -> tuple[str, str]:
+        return self.identity, image_id
 
     async def _decode_pixels(self, data: bytes, timings: Timings) -> np.ndarray:
         with timings.stage("decode_image"):
-            try:
-                return await to_thread.run_sync(
-                    partial(
-                        imaging.decode_image,
-                        data,
-                        max_pixels=self.settings.max_image_pixels,
-                        max_side=self.settings.max_image_side,
-                    )
+            return await to_thread.run_sync(
+                partial(
+                    imaging.decode_image,
+                    data,
+                    max_pixels=self.settings.max_image_pixels,
+                    max_side=self.settings.max_image_side,
                 )
-            except imaging.ImageError as exc:
-                raise ProblemError(exc.status, exc.code, str(exc)) from exc
+            )
 
     async def _encode_pixels(
         self, image: np.ndarray, timings: Timings, source: bytes = b""
     ) -> CachedImage:
         side = await self.gateway.image_side()
         if min(geometry.preprocess_shape(*image.shape[:2], side)) < 1:
-            raise ProblemError(
-                422,
-                "degenerate_image",
+            raise DegenerateImage(
                 f"a {image.shape[1]}x{image.shape[0]} image would be less than one pixel "
-                f"wide once its longest side is resized to {side}",
+                f"wide once its longest side is resized to {side}"
             )
         with timings.stage("preprocess"):
-            resized = await to_thread.run_sync(geometry.resize_longest_side, image, side)
-            padded = geometry.pad_to_square(resized, side)
+            padded, input_size = await to_thread.run_sync(geometry.prepare_image, image, side)
         with timings.stage("encoder"):
-            embedding = await self.gateway.encode(padded, resized.shape[:2])
-        return CachedImage(embedding, image.shape[:2], resized.shape[:2], source=source)
+            embedding = await self.gateway.encode(padded, input_size)
+        return CachedImage(embedding, image.shape[:2], input_size, source=source)
 
-    # --- prompts -------------------------------------------------------------------------
+    # --- prompts -------------------------------------------------------------------------------
 
     async def segment(
         self,
-        entry: CachedImage,
+        image: EmbeddedImage,
         prompts: list[Prompt],
         multimask_output: bool,
         output_format: encodings.OutputFormat,
         timings: Timings,
-    ) -> list[list[dict]]:
+    ) -> list[list[dict[str, Any]]]:
+        """One list of records per prompt, in request order.
+
+        Prompts with the same point count share a decoder call; different counts go in
+        separate calls, run concurrently (padding a prompt to another's length changes it).
+        """
+        entry = image.entry
         side = await self.gateway.image_side()
         wire = [prompt_to_decoder_arrays(p, entry.original_size, side) for p in prompts]
-        low_res: list[np.ndarray] = [np.empty(0)] * len(prompts)
-        scores: list[np.ndarray] = [np.empty(0)] * len(prompts)
+        groups = list(group_prompts_by_length(wire).values())
         with timings.stage("decoder"):
-            groups = list(group_prompts_by_length(wire).values())
             answers = await asyncio.gather(
-                *(self._decode_group(entry, [wire[i] for i in members]) for members in groups)
-            )
-        for members, (masks, iou) in zip(groups, answers, strict=True):
-            for row, index in enumerate(members):
-                low_res[index], scores[index] = masks[row], iou[row]
-        with timings.stage("postprocess"):
-            return await to_thread.run_sync(
-                partial(
-                    self._records, entry, side, low_res, scores, multimask_output, output_format
+                *(
+                    self.gateway.decode(entry.embedding, *stack_prompts(wire, members))
+                    for members in groups
                 )
             )
+        answer_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for members, (masks, iou) in zip(groups, answers, strict=True):
+            for row, index in enumerate(members):
+                answer_of[index] = masks[row], iou[row]
 
-    # --- segment everything ----------------------------------------------------------------
+        def records() -> list[list[dict[str, Any]]]:
+            return [
+                prompt_records(
+                    *answer_of[index],
+                    entry.input_size,
+                    entry.original_size,
+                    side,
+                    multimask_output,
+                    output_format,
+                )
+                for index in range(len(prompts))
+            ]
+
+        with timings.stage("postprocess"):
+            return await to_thread.run_sync(records)
+
+    # --- segment everything -------------------------------------------------------------------
 
     async def segment_everything(
         self,
-        image_id: str,
-        entry: CachedImage,
-        params: amg.AmgParams,
+        image: EmbeddedImage,
+        params: AmgParams,
         output_format: encodings.OutputFormat,
         want_overlay: bool,
         timings: Timings,
-    ) -> tuple[list[dict], bytes | None]:
+    ) -> EverythingResult:
         """Upstream `SamAutomaticMaskGenerator.generate` with Triton as the model.
 
-        The whole-image crop reuses the cached embedding; other crops are encoded (and
-        cached) as images of their own. Decoder calls for a crop are kept DECODER_WINDOW deep,
-        so Triton computes the next batch while this process post-processes the last one.
+        The whole-image crop reuses the image's embedding; other crops are encoded (and
+        cached) as images of their own.
         """
         side = await self.gateway.image_side()
-        height, width = entry.original_size
-        jobs = amg.crop_plan(entry.original_size, params, side)
-        needs_pixels = want_overlay or any(job.box != (0, 0, width, height) for job in jobs)
-        image = await self._decode_pixels(entry.source, timings) if needs_pixels else None
-        workspace = amg.Workspace()
-        crops = []
-        for job in jobs:
-            crop_entry = entry
-            if job.box != (0, 0, width, height):
-                crop_entry = await self._crop_embedding(image_id, job, image, timings)
-            batches = []
-            point_batches = list(job.batches(params.points_per_batch))
-            answers = windowed(
-                point_batches,
-                partial(self._decode_points, crop_entry, job.size, side, timings),
-                DECODER_WINDOW,
-            )
-            async with aclosing(answers):
-                async for points, (low_res, iou) in answers:
-                    with timings.stage("postprocess"):
-                        batches.append(
-                            await to_thread.run_sync(
-                                partial(
-                                    amg.process_batch,
-                                    low_res,
-                                    iou,
-                                    points,
-                                    job.box,
-                                    entry.original_size,
-                                    params,
-                                    image_side=side,
-                                    input_size=crop_entry.input_size,
-                                    workspace=workspace,
-                                )
-                            )
-                        )
-            crops.append(amg.finish_crop(batches, job.box, params))
+        pixels = image.pixels
+        needs_pixels = want_overlay or params.crop_n_layers > 0
+        if pixels is None and needs_pixels:
+            pixels = await self._decode_pixels(image.entry.source, timings)
+        model = _CropModel(self, image, pixels, timings)
+        data = await generate_masks(model, image.size, params, side, timings)
         with timings.stage("postprocess"):
-            data = await to_thread.run_sync(
-                partial(self._finish, crops, params, entry.original_size)
-            )
-            records = await to_thread.run_sync(amg.to_records, data, output_format)
-        overlay = None
+            records = await to_thread.run_sync(to_records, data, output_format)
+        overlay_png = None
         if want_overlay:
             with timings.stage("overlay"):
-                overlay = await to_thread.run_sync(render_overlay_png, image, data)
-        return records, overlay
+                overlay_png = await to_thread.run_sync(
+                    overlay.overlay_png, pixels, LazyMasks(data), data.areas()
+                )
+        return EverythingResult(data, records, overlay_png)
 
-    @staticmethod
-    def _finish(crops: list, params: amg.AmgParams, size: tuple[int, int]):
-        data = amg.merge_crops(crops, params, size)
-        if params.min_mask_region_area > 0:
-            data = amg.postprocess_small_regions(
-                data,
-                params.min_mask_region_area,
-                max(params.box_nms_thresh, params.crop_nms_thresh),
-            )
-        return data
 
-    async def _crop_embedding(
-        self, image_id: str, job: amg.CropJob, image: np.ndarray, timings: Timings
-    ) -> CachedImage:
-        """A crop is encoded as an image of its own, and cached under its own key."""
+class _CropModel:
+    """The service's encoder (through the cache) and decoder, as the pipeline's `MaskModel`."""
+
+    def __init__(
+        self,
+        service: SegmentationService,
+        image: EmbeddedImage,
+        pixels: np.ndarray | None,
+        timings: Timings,
+    ) -> None:
+        self.service = service
+        self.image = image
+        self.pixels = pixels
+        self.timings = timings
+
+    async def crop_embedding(self, job: CropJob) -> CachedImage:
+        height, width = self.image.size
+        if job.box == (0, 0, width, height):
+            return self.image.entry
+        assert self.pixels is not None, "crops need the decoded image"
         x0, y0, x1, y1 = job.box
-        key = (self.identity, f"{image_id}#crop={x0},{y0},{x1},{y1}")
+        key = self.service._key(f"{self.image.image_id}#crop={x0},{y0},{x1},{y1}")
+        crop = np.ascontiguousarray(job.crop(self.pixels))
 
         async def encode() -> CachedImage:
-            return await self._encode_pixels(np.ascontiguousarray(job.crop(image)), timings)
+            return await self.service._encode_pixels(crop, self.timings)
 
-        entry, hit = await self.cache.get_or_compute(key, encode)
-        self.metrics.cache_lookups.labels(result="hit" if hit else "miss").inc()
+        entry, hit = await self.service.cache.get_or_compute(key, encode)
+        self.service.metrics.cache_lookups.labels(result="hit" if hit else "miss").inc()
         return entry
 
-    async def _decode_points(
-        self,
-        entry: CachedImage,
-        crop_size: tuple[int, int],
-        side: int,
-        timings: Timings,
-        points: np.ndarray,
+    async def decode(
+        self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        coords, labels = amg.decoder_inputs(points, crop_size, side)
-        with timings.stage("decoder"):
-            return await self.gateway.decode(entry.embedding, coords, labels)
-
-    async def _decode_group(
-        self, entry: CachedImage, wire: list[tuple[np.ndarray, np.ndarray]]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Prompts with the same point count go in one call: no cross-prompt padding."""
-        coords = np.stack([c for c, _ in wire])
-        labels = np.stack([lab for _, lab in wire])
-        return await self.gateway.decode(entry.embedding, coords, labels)
-
-    @staticmethod
-    def _records(
-        entry: CachedImage,
-        side: int,
-        low_res: list[np.ndarray],
-        scores: list[np.ndarray],
-        multimask_output: bool,
-        output_format: encodings.OutputFormat,
-    ) -> list[list[dict]]:
-        results = []
-        for masks, iou in zip(low_res, scores, strict=True):
-            chosen_masks, chosen_iou = postprocess.select_masks(
-                masks[None], iou[None], multimask_output
-            )
-            logits = postprocess.postprocess_masks(
-                chosen_masks[0], entry.input_size, entry.original_size, image_size=side
-            )
-            records = [
-                mask_record(mask_logits, float(score), output_format)
-                for mask_logits, score in zip(logits, chosen_iou[0], strict=True)
-            ]
-            records.sort(key=lambda record: record["predicted_iou"], reverse=True)
-            results.append(records)
-        return results
-
-
-async def windowed(
-    items: list[T], call: Callable[[T], Awaitable[R]], window: int
-) -> AsyncIterator[tuple[T, R]]:
-    """`call` over items, in order, with at most `window` calls in flight at once."""
-    pending: deque[tuple[T, asyncio.Task[R]]] = deque()
-    upcoming = iter(items)
-    try:
-        while True:
-            while len(pending) < window:
-                item = next(upcoming, None)
-                if item is None:
-                    break
-                pending.append((item, asyncio.ensure_future(call(item))))
-            if not pending:
-                return
-            item, task = pending.popleft()
-            yield item, await task
-    finally:
-        for _, task in pending:
-            task.cancel()
-
-
-class LazyMasks(Sequence[np.ndarray]):
-    """The masks of a MaskData, decoded from their RLE one at a time on access."""
-
-    def __init__(self, data: amg.MaskData) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        return self.data.mask(index)
-
-
-def render_overlay_png(image: np.ndarray, data: amg.MaskData) -> bytes:
-    count = len(data)
-    label = f"{count} object" + ("" if count == 1 else "s")
-    areas = [amg.area_from_rle({"counts": counts}) for counts in data.rles]
-    return overlay.encode_png(overlay.render_overlay(image, LazyMasks(data), label, areas))
-
-
-def mask_record(
-    logits: np.ndarray, predicted_iou: float, output_format: encodings.OutputFormat
-) -> dict:
-    mask = postprocess.threshold_masks(logits)
-    stability = float(postprocess.stability_score(logits))
-    return {
-        "segmentation": encodings.encode_mask(mask, output_format),
-        "predicted_iou": predicted_iou,
-        # Upstream's score is NaN when no logit passes -offset; JSON has no NaN, and such a
-        # mask (empty at every threshold) has no stability to speak of.
-        "stability_score": stability if np.isfinite(stability) else 0.0,
-        "area": int(mask.sum()),
-        "bbox": [int(v) for v in postprocess.mask_to_box_xywh(mask)],
-    }
+        return await self.service.gateway.decode(embedding, point_coords, point_labels)

@@ -1,7 +1,9 @@
-"""The proxy's only door to Triton: non-blocking HTTP calls with deadlines and one error map.
+"""The proxy's only door to Triton: non-blocking HTTP calls, each with a deadline.
 
-Triton's failures become `ProblemError`s here and nowhere else: unreachable or overloaded
-(queue full) is 503 with Retry-After, a missed deadline is 504, anything else 502.
+Failures are classified here from tritonclient's exception types and Triton's HTTP status
+codes (never its wording) into the domain errors of `proxy.errors`: Triton unreachable, not
+ready or refusing work (503: its queue is full or a model is unavailable) is
+`TritonUnavailable`; a missed deadline `TritonTimeout`; any other error `TritonFailed`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import tritonclient.http.aio as triton_http
 from tritonclient.http import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from common import contract
+from common.settings import Settings
+from proxy.errors import ServiceError, TritonFailed, TritonTimeout, TritonUnavailable
+from proxy.geometry import Size
 from proxy.metrics import ProxyMetrics
-from proxy.problems import ProblemError
-from serving.settings import Settings
 
 T = TypeVar("T")
 
@@ -27,17 +31,36 @@ T = TypeVar("T")
 # Triton ~2.5 s (as long as the inference) and the 4 MB embedding ~150 ms. Tensors on a local
 # link travel uncompressed.
 UNCOMPRESSED = {"Accept-Encoding": "identity"}
-LOW_RES_SIDE = 256  # the decoder's mask logits, and its mask input
 # The proxy sends no previous masks: one unused mask input (M = 1) stands for all prompts,
 # which also lets the decoder share its per-image work between them.
-NO_MASK_INPUT = np.zeros((1, 1, 1, LOW_RES_SIDE, LOW_RES_SIDE), dtype=np.float32)
+NO_MASK_INPUT = np.zeros((1, 1, 1, contract.LOW_RES_SIDE, contract.LOW_RES_SIDE), dtype=np.float32)
 MASK_UNUSED = np.zeros((1, 1), dtype=np.float32)
+# Triton's HTTP statuses that mean "not now": UNAVAILABLE (queue full, model not ready) and
+# the rate-limit status a gateway in front of it may use.
+RETRY_LATER_STATUSES = frozenset({"429", "503"})
 
 
 def _input(name: str, array: np.ndarray) -> InferInput:
     tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
     tensor.set_data_from_numpy(np.ascontiguousarray(array), binary_data=True)
     return tensor
+
+
+def classify(model: str, error: BaseException, timeout_s: float) -> ServiceError:
+    """The domain error for a failed Triton call (`error` as the client raised it)."""
+    if isinstance(error, TimeoutError):
+        return TritonTimeout(f"{model} did not answer within {timeout_s:g} s")
+    if isinstance(error, aiohttp.ClientError | OSError):
+        return TritonUnavailable(f"Triton is unreachable: {error}")
+    if isinstance(error, InferenceServerException):
+        message = error.message() or str(error)
+        if error.status() in RETRY_LATER_STATUSES:
+            return TritonUnavailable(f"{model} is unavailable or overloaded: {message}")
+        return TritonFailed(f"{model} failed: {message}", triton_status=error.status())
+    return TritonFailed(f"{model} failed: {type(error).__name__}: {error}")
+
+
+OUTCOMES = {TritonUnavailable: "unavailable", TritonTimeout: "timeout", TritonFailed: "error"}
 
 
 class TritonGateway:
@@ -57,60 +80,36 @@ class TritonGateway:
         outcome = "ok"
         try:
             return await asyncio.wait_for(action, timeout=self.settings.triton_timeout_s)
-        except TimeoutError as exc:
-            outcome = "timeout"
-            raise ProblemError(
-                504,
-                "triton_timeout",
-                f"{model} did not answer within {self.settings.triton_timeout_s:g} s",
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            outcome = "unavailable"
-            raise self._unavailable(f"Triton is unreachable: {exc}") from exc
-        except InferenceServerException as exc:
-            message = exc.message() or str(exc)
-            if exc.status() in ("503", "429") or "queue" in message.lower():
-                outcome = "overloaded"
-                raise self._unavailable(f"{model} is overloaded: {message}") from exc
-            if "unavailable" in message.lower() or "not ready" in message.lower():
-                outcome = "unavailable"
-                raise self._unavailable(f"{model} is not available: {message}") from exc
-            outcome = "error"
-            raise ProblemError(502, "triton_error", f"{model} failed: {message}") from exc
+        except (TimeoutError, aiohttp.ClientError, OSError, InferenceServerException) as exc:
+            error = classify(model, exc, self.settings.triton_timeout_s)
+            outcome = OUTCOMES[type(error)]
+            raise error from exc
         finally:
             self.metrics.triton_latency.labels(model=model, outcome=outcome).observe(
                 time.perf_counter() - started
             )
 
-    def _unavailable(self, detail: str) -> ProblemError:
-        return ProblemError(
-            503,
-            "triton_unavailable",
-            detail,
-            headers={"Retry-After": str(self.settings.triton_retry_after_s)},
-        )
-
     async def image_side(self) -> int:
-        """The encoder's square input side (1024), read from Triton's model metadata."""
+        """The encoder's square input side, read from Triton's model metadata."""
         if self._image_side is None:
             model = self.settings.encoder_model
             metadata = await self._call(model, self.client.get_model_metadata(model))
-            images = next(t for t in metadata["inputs"] if t["name"] == "images")
+            images = next(t for t in metadata["inputs"] if t["name"] == contract.IMAGES)
             self._image_side = int(images["shape"][-2])
         return self._image_side
 
-    async def encode(self, padded_image: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
+    async def encode(self, padded_image: np.ndarray, input_size: Size) -> np.ndarray:
         """[S, S, 3] uint8 padded image -> [256, 64, 64] float32 embedding."""
         model = self.settings.encoder_model
         inputs = [
-            _input("images", padded_image[None]),
-            _input("input_size", np.array([input_size], dtype=np.int32)),
+            _input(contract.IMAGES, padded_image[None]),
+            _input(contract.INPUT_SIZE, np.array([input_size], dtype=np.int32)),
         ]
-        outputs = [InferRequestedOutput("image_embeddings", binary_data=True)]
+        outputs = [InferRequestedOutput(contract.IMAGE_EMBEDDINGS, binary_data=True)]
         result = await self._call(
             model, self.client.infer(model, inputs, outputs=outputs, headers=UNCOMPRESSED)
         )
-        return result.as_numpy("image_embeddings")[0]
+        return result.as_numpy(contract.IMAGE_EMBEDDINGS)[0]
 
     async def decode(
         self,
@@ -121,20 +120,22 @@ class TritonGateway:
         """One image's prompts [P, N] -> low-res logits [P, 4, 256, 256] and IoU [P, 4]."""
         model = self.settings.decoder_model
         inputs = [
-            _input("image_embeddings", embedding[None].astype(np.float32, copy=False)),
-            _input("point_coords", point_coords[None].astype(np.float32, copy=False)),
-            _input("point_labels", point_labels[None].astype(np.float32, copy=False)),
-            _input("mask_input", NO_MASK_INPUT),
-            _input("has_mask_input", MASK_UNUSED),
+            _input(contract.IMAGE_EMBEDDINGS, embedding[None].astype(np.float32, copy=False)),
+            _input(contract.POINT_COORDS, point_coords[None].astype(np.float32, copy=False)),
+            _input(contract.POINT_LABELS, point_labels[None].astype(np.float32, copy=False)),
+            _input(contract.MASK_INPUT, NO_MASK_INPUT),
+            _input(contract.HAS_MASK_INPUT, MASK_UNUSED),
         ]
         outputs = [
-            InferRequestedOutput("low_res_masks", binary_data=True),
-            InferRequestedOutput("iou_predictions", binary_data=True),
+            InferRequestedOutput(name, binary_data=True) for name in contract.DECODER_OUTPUTS
         ]
         result = await self._call(
             model, self.client.infer(model, inputs, outputs=outputs, headers=UNCOMPRESSED)
         )
-        return result.as_numpy("low_res_masks")[0], result.as_numpy("iou_predictions")[0]
+        return (
+            result.as_numpy(contract.LOW_RES_MASKS)[0],
+            result.as_numpy(contract.IOU_PREDICTIONS)[0],
+        )
 
     async def readiness(self) -> dict[str, bool]:
         """Per-component readiness; never raises."""

@@ -1,1 +1,1 @@
-"""Shared settings and the local (Docker-free) Triton launcher and perf tooling."""
+"""The Docker-free launcher: the real tritonserver from the PyTriton wheel, then the proxy."""

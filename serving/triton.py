@@ -1,25 +1,22 @@
 """Run the real `tritonserver` from the nvidia-pytriton wheel, without Docker.
 
 The wheel ships Triton 2.51.0 with the Python backend. Three things make it run outside its own
-launcher (see DESIGN.md): `LD_LIBRARY_PATH` must include the wheel's bundled libraries, the 3.11
-backend stub must sit in a backend directory next to `libtriton_python.so`, and the stub finds
-numpy/onnxruntime through the first `python3` on `PATH`, so this interpreter's `bin/` goes first.
+launcher (README, "Running Triton without Docker"): `LD_LIBRARY_PATH` must include the wheel's
+bundled libraries, the 3.11 backend stub must sit in a backend directory next to
+`libtriton_python.so`, and the stub finds numpy/onnxruntime through the first `python3` on
+`PATH`, so this interpreter's `bin/` goes first.
 
-`python -m serving.triton` (`make triton`) exports the models if needed, starts Triton, waits
-until it is ready and stops it cleanly on SIGTERM or Ctrl-C (see `serving.run`). Tests and
-benchmarks use `TritonServer` directly.
+`make run` and `make triton` (`python -m serving`) start it through `TritonServer`; so do the
+tests and the benchmarks.
 """
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
 import importlib.util
 import logging
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from serving.settings import PROJECT_ROOT, Settings, get_settings
+from common.settings import PROJECT_ROOT, Settings, get_settings
+from serving.processes import kill_process_group, stop_process
 
 log = logging.getLogger("triton")
 
@@ -39,69 +37,6 @@ PYTHON_STUB_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 PYTHON_BACKEND_SHM_BYTES = 64 * 1024 * 1024
 # How long Triton waits for open connections and in-flight requests when asked to stop.
 EXIT_TIMEOUT_S = 10
-# A stub's /dev/shm region; the stub gets its name on its command line.
-PYTHON_BACKEND_SHM_PREFIX = "triton_python_backend_shm_region_"
-
-
-_ports_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A free local TCP port, never one this process was given before.
-
-    The OS may hand the same ephemeral port to two binds in a row once the first socket is
-    closed; a server launched with the same port twice (HTTP and metrics, say) fails to start.
-    """
-    while True:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _ports_handed_out:
-            _ports_handed_out.add(port)
-            return port
-
-
-def proc_stat(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat after the command name: state, ppid, pgrp, ...; None if gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def process_group_members(pgid: int) -> list[int]:
-    """PIDs whose process group is `pgid` (from /proc; empty where there is no /proc)."""
-    members = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        fields = proc_stat(int(entry.name))
-        if fields and int(fields[2]) == pgid:
-            members.append(int(entry.name))
-    return members
-
-
-def kill_process_group(pgid: int) -> list[int]:
-    """SIGKILL what is left of a server's process group, and free its stubs' shared memory.
-
-    tritonserver exits on SIGTERM after its exit timeout even while a Python-backend stub is
-    still inside a long `execute()` (a segment-everything request, say); the stub then runs on
-    as an orphan, holding CPU and its /dev/shm region, which a SIGKILLed stub never unlinks.
-    Triton is started in a session of its own, so its group holds exactly what it started.
-    """
-    members = process_group_members(pgid)
-    regions = []
-    for pid in members:
-        with contextlib.suppress(OSError):
-            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            regions += [
-                a.decode() for a in arguments if a.startswith(PYTHON_BACKEND_SHM_PREFIX.encode())
-            ]
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-    for region in regions:
-        (Path("/dev/shm") / region).unlink(missing_ok=True)
-    if members:
-        log.warning("killed %d leftover process(es) of group %d: %s", len(members), pgid, members)
-    return members
 
 
 class TritonError(RuntimeError):
@@ -249,18 +184,13 @@ class TritonServer:
         return "; last log lines:\n" + "\n".join(tail)
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """SIGTERM (Triton unloads its models and exits), then reap its whole group."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # Triton unloads models and exits
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("tritonserver did not stop in %.0f s; killing it", timeout_s)
+        stop_process(self.process, timeout_s)
         # A Python-backend stub can outlive its server (seen after client timeouts); the
         # process group holds only what Triton started, so nothing of it may stay behind.
         kill_process_group(self.process.pid)
-        self.process.wait()
 
     def __enter__(self) -> TritonServer:
         self.start()
@@ -281,9 +211,3 @@ def export_if_needed(settings: Settings) -> None:
         [sys.executable, "-m", "export", "--model-repository", str(settings.model_repository)],
         check=True,
     )
-
-
-if __name__ == "__main__":
-    from serving.run import serve
-
-    sys.exit(serve(with_proxy=False))

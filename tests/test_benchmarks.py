@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks import analysis, loadgen, report, variants
 from benchmarks.parity import mask_iou
-from serving.settings import PROJECT_ROOT
+from common.settings import PROJECT_ROOT
 
 ENCODER_CONFIG = PROJECT_ROOT / "model_repository" / "mobilesam_encoder" / "config.pbtxt"
 

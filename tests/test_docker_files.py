@@ -31,7 +31,7 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from serving.settings import PROJECT_ROOT, Settings
+from common.settings import PROJECT_ROOT, Settings
 from serving.triton import (
     EXIT_TIMEOUT_S,
     PYTHON_BACKEND_SHM_BYTES,
@@ -61,7 +61,7 @@ CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
 # wheel moves to another Triton; a version missing here fails the test below.
 TRITON_CONTAINER_RELEASE = {"2.50.0": "24.09", "2.51.0": "24.10", "2.52.0": "24.11"}
 # Fallback only if the wheel's binary cannot be run to ask it: nvidia-pytriton version ->
-# the Triton it embeds (what the 0.7.0 binary reports, as DESIGN.md records; pytriton's
+# the Triton it embeds (what the 0.7.0 binary reports, as the README records; pytriton's
 # CHANGELOG lists it per release). When the binary does run, the two must agree.
 PYTRITON_EMBEDDED_TRITON = {"0.7.0": "2.51.0"}
 

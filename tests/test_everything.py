@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from proxy.encodings import decode_rle
+from testkit.photos import photos
 
-from .photos import photos
 from .test_proxy_api import POINT, assert_problem, encoder_executions, png_bytes
 
 MIN_MATCH_IOU = 0.95
@@ -20,7 +20,7 @@ COUNT_TOLERANCE = 0.02
 # Random-init weights give logits within about +-0.5 and masks that cover most of the
 # picture, so upstream's defaults keep nothing. These settings keep many masks (no IoU
 # filter, a stability offset small enough to spread the scores, no box NMS), so that the
-# count and the one-to-one matching have teeth. tests/test_proxy_amg.py adds a synthetic
+# count and the one-to-one matching have teeth. tests/test_everything_steps.py adds a synthetic
 # decoder with distinct, ragged masks per point for the filtering and NMS logic.
 MANY_MASKS = {
     "points_per_side": 8,

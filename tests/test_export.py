@@ -14,13 +14,12 @@ import numpy as np
 import onnx
 import pytest
 
+from common.settings import PROJECT_ROOT, Settings
 from export.checkpoint import resolve_checkpoint
 from export.errors import CheckpointError, VerificationError
 from export.manifest import EXPORT_FORMAT_VERSION, ExportTarget, is_up_to_date
 from export.verify import ABSOLUTE_TOLERANCE, RELATIVE_TOLERANCE, compare_outputs
-from serving.settings import PROJECT_ROOT, Settings
-
-from .conftest import free_port
+from testkit.ports import free_port
 
 
 def run_export_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,4 +1,4 @@
-"""`python -m serving.triton` (what `make triton` runs): export check, ready, clean stop."""
+"""`python -m serving` (what `make run` and `make triton` run): export check, ready, clean stop."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.settings import PROJECT_ROOT
-from serving.triton import PYTHON_BACKEND_SHM_PREFIX, kill_process_group, proc_stat
-
-from .conftest import free_port
+from common.settings import PROJECT_ROOT
+from serving.processes import PYTHON_BACKEND_SHM_PREFIX, kill_process_group, proc_stat
+from testkit.ports import free_port
 
 
 def _ready(port: int) -> bool:
@@ -61,7 +60,7 @@ def test_launcher_serves_and_stops_cleanly(
     )
     log = (tmp_path / "launcher.log").open("w")
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "serving.triton"],
+        [sys.executable, "-m", "serving", "--triton-only"],
         cwd=PROJECT_ROOT,
         env=env,
         stdout=log,
@@ -86,7 +85,7 @@ def test_launcher_serves_and_stops_cleanly(
 
 
 def test_make_run_serves_the_proxy_and_stops_both(model_repository, checkpoint_path, tmp_path):
-    """`python -m serving.run`: Triton, then the proxy; SIGTERM stops both."""
+    """`python -m serving`: Triton, then the proxy; SIGTERM stops both."""
     import httpx
 
     from .test_proxy_api import POINT, png_bytes
@@ -101,7 +100,7 @@ def test_make_run_serves_the_proxy_and_stops_both(model_repository, checkpoint_p
     )
     log_path = tmp_path / "run.log"
     runner = subprocess.Popen(
-        [sys.executable, "-m", "serving.run"],
+        [sys.executable, "-m", "serving"],
         cwd=PROJECT_ROOT,
         env=env,
         stdout=log_path.open("w"),
@@ -162,7 +161,7 @@ def test_an_orphaned_stub_and_its_shared_memory_are_reaped() -> None:
 
 def test_free_port_never_hands_out_a_port_twice(monkeypatch) -> None:
     """The OS can return a just-closed ephemeral port again; two servers then collide."""
-    import serving.triton as triton
+    from testkit import ports
 
     offered = iter([41001, 41001, 41002])
 
@@ -179,6 +178,6 @@ def test_free_port_never_hands_out_a_port_twice(monkeypatch) -> None:
         def getsockname(self):
             return ("127.0.0.1", self.port)
 
-    monkeypatch.setattr(triton.socket, "socket", OsSocket)
-    monkeypatch.setattr(triton, "_ports_handed_out", set())
-    assert [triton.free_port(), triton.free_port()] == [41001, 41002]
+    monkeypatch.setattr(ports.socket, "socket", OsSocket)
+    monkeypatch.setattr(ports, "_ports_handed_out", set())
+    assert [ports.free_port(), ports.free_port()] == [41001, 41002]

@@ -13,8 +13,7 @@ import pytest
 from PIL import Image
 
 from proxy.encodings import decode_png, decode_polygons, decode_rle
-
-from .photos import photos
+from testkit.photos import photos
 
 POINT = json.dumps([{"points": [[100, 80]], "labels": [1]}])
 

@@ -9,10 +9,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from serving.settings import PROJECT_ROOT, Settings
+from common.settings import PROJECT_ROOT, Settings
 from serving.triton import TritonServer
+from testkit.ports import free_port
+from testkit.processes import proxy_process
 
-from .conftest import BUILD, ProxyProcess, free_port
+from .conftest import BUILD
 from .test_proxy_api import POINT, assert_problem, png_bytes
 
 
@@ -38,7 +40,7 @@ def own_triton(settings: Settings, model_repository) -> Iterator[TritonServer]:
 
 def test_readyz_follows_triton_down_and_back_up(own_triton: TritonServer, settings) -> None:
     own = settings.model_copy(update={"triton_http_port": own_triton.http_port})
-    proxy = ProxyProcess(own, BUILD / "logs" / "proxy-restart.log")
+    proxy = proxy_process(own, BUILD / "logs" / "proxy-restart.log")
     proxy.start()
     try:
         with httpx.Client(base_url=proxy.base_url, timeout=120) as client:
@@ -63,7 +65,7 @@ def test_readyz_follows_triton_down_and_back_up(own_triton: TritonServer, settin
 
 
 def test_triton_deadline_is_a_504(settings, triton_server) -> None:
-    proxy = ProxyProcess(
+    proxy = proxy_process(
         settings, BUILD / "logs" / "proxy-timeout.log", extra_env={"TRITON_TIMEOUT_S": "0.01"}
     )
     proxy.start()

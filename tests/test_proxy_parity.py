@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from proxy.encodings import decode_rle
-
-from .photos import Photo, photos
+from testkit.photos import Photo, photos
 
 MIN_MASK_IOU = 0.98
 MAX_SCORE_DIFFERENCE = 0.01

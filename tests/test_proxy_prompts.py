@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from proxy.problems import status_of
 from proxy.prompts import (
     Prompt,
     PromptError,
@@ -136,7 +137,7 @@ def test_invalid_prompts_are_refused_precisely(raw, code: str, location: str, wo
         parse(raw)
     error = info.value
     assert isinstance(error, ValueError)
-    assert (error.code, error.location, error.status) == (code, location, 422)
+    assert (error.code, error.location, status_of(error)) == (code, location, 422)
     assert str(error).startswith(f"{location}: ")
     assert words in str(error)
 

@@ -19,8 +19,9 @@ import tritonclient.http as httpclient
 from export.verify import DECODER_CASES, compare_outputs, decoder_wire_inputs
 from export.verify import reference_decode as upstream_decode
 from serving.triton import TritonServer
+from testkit.ports import free_port
 
-from .conftest import BUILD, free_port
+from .conftest import BUILD
 from .test_triton import decoder_inputs, encoder_inputs, upstream_embedding
 
 OTHER_RUNTIME = {"onnxruntime": "openvino", "openvino": "onnxruntime"}

@@ -1,15 +1,15 @@
 """perf_analyzer runs against the real Triton, without Docker.
 
-`python -m serving.perf` (`make perf`) exports the models if needed, starts Triton from the
-settings, measures both models over HTTP at a few concurrencies, prints perf_analyzer's own
-tables and then one summary table, and stops Triton. The functions below are the building
+`python -m benchmarks.perf_analyzer` (`make perf`) exports the models if needed, starts Triton
+from the settings, measures both models over HTTP at a few concurrencies, prints perf_analyzer's
+own tables and then one summary table, and stops Triton. The functions below are the building
 blocks for later benchmarks: the perf_analyzer environment, the `--input-data` JSON files (built
 from the shapes Triton reports, so no dimension is repeated here) and a run that returns the
 parsed `-f` CSV.
 
 perf_analyzer is the binary in the `tritonclient==2.51.0` wheel. It links against Debian's
 `libb64-0d` and the CUDA runtime (`libcudart.so.12` from `nvidia-cuda-runtime-cu12`), even though
-no GPU is used; see DESIGN.md.
+no GPU is used (README, "Benchmarks").
 """
 
 from __future__ import annotations
@@ -37,16 +37,13 @@ from typing import TextIO
 
 import numpy as np
 
-from serving.settings import PROJECT_ROOT, Settings, get_settings
+from common import contract
+from common.settings import PROJECT_ROOT, Settings, get_settings
 from serving.triton import TritonError, TritonServer, export_if_needed
 
 log = logging.getLogger("perf")
 
 OUTPUT_DIR = PROJECT_ROOT / "build" / "perf"
-# SAM's input frame: images are resized so that the longest side is this, point coordinates
-# live in it. The encoder's input dims say the same (1024x1024x3).
-SAM_FRAME = 1024
-
 # Triton config data types -> numpy, for the types these models use.
 NUMPY_TYPES: dict[str, type[np.generic]] = {
     "TYPE_UINT8": np.uint8,
@@ -153,7 +150,7 @@ def _require(specs: Mapping[str, TensorSpec], names: Iterable[str], model: str) 
     if missing or extra:
         raise PerfError(
             f"{model}: the config's inputs changed (missing {sorted(missing)}, "
-            f"unexpected {sorted(extra)}); update serving/perf.py"
+            f"unexpected {sorted(extra)}); update benchmarks/perf_analyzer.py"
         )
 
 
@@ -161,15 +158,15 @@ def encoder_request(
     specs: Mapping[str, TensorSpec], height: int, width: int, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """One image of `height` x `width` zero-padded to the input frame, as the proxy sends it."""
-    _require(specs, ("images", "input_size"), "encoder")
-    frame = specs["images"].dims
+    _require(specs, contract.ENCODER_INPUTS, "encoder")
+    frame = specs[contract.IMAGES].dims
     if not (0 < height <= frame[0] and 0 < width <= frame[1]):
         raise PerfError(f"image size {height}x{width} does not fit the {frame} input")
     rng = np.random.default_rng(seed)
-    images = np.zeros(frame, dtype=specs["images"].numpy_type)
+    images = np.zeros(frame, dtype=specs[contract.IMAGES].numpy_type)
     images[:height, :width] = rng.integers(0, 256, (height, width, frame[2]), dtype=np.uint8)
-    input_size = np.array([height, width], dtype=specs["input_size"].numpy_type)
-    return {"images": images, "input_size": input_size}
+    input_size = np.array([height, width], dtype=specs[contract.INPUT_SIZE].numpy_type)
+    return {contract.IMAGES: images, contract.INPUT_SIZE: input_size}
 
 
 def decoder_request(
@@ -177,7 +174,7 @@ def decoder_request(
     prompts: int = 1,
     points: int = 2,
     seed: int = 0,
-    frame: int = SAM_FRAME,
+    frame: int = contract.DEFAULT_IMAGE_SIDE,
 ) -> dict[str, np.ndarray]:
     """One image's embedding with `prompts` point prompts of `points` points each.
 
@@ -185,29 +182,26 @@ def decoder_request(
     point (label -1) at the origin; no mask input. P=1, N=2 is an interactive click, P=64 one
     segment-everything batch.
     """
-    _require(
-        specs,
-        ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"),
-        "decoder",
-    )
+    _require(specs, contract.DECODER_INPUTS, "decoder")
     if prompts < 1 or points < 1:
         raise PerfError("a decoder request needs at least one prompt of one point")
     rng = np.random.default_rng(seed)
     clicks = points - 1 if points > 1 else 1
-    coords = np.zeros((prompts, points, specs["point_coords"].dims[-1]))
+    embeddings, coords_spec = specs[contract.IMAGE_EMBEDDINGS], specs[contract.POINT_COORDS]
+    coords = np.zeros((prompts, points, coords_spec.dims[-1]))
     coords[:, :clicks] = rng.uniform(0, frame, (prompts, clicks, coords.shape[-1]))
-    labels = np.full((prompts, points), -1.0)
-    labels[:, :clicks] = 1.0
-    mask_dims = specs["mask_input"].dims
+    labels = np.full((prompts, points), float(contract.PADDING_LABEL))
+    labels[:, :clicks] = contract.FOREGROUND_LABEL
+    mask_spec = specs[contract.MASK_INPUT]
     return {
-        "image_embeddings": rng.standard_normal(specs["image_embeddings"].dims).astype(
-            specs["image_embeddings"].numpy_type
+        contract.IMAGE_EMBEDDINGS: rng.standard_normal(embeddings.dims).astype(
+            embeddings.numpy_type
         ),
-        "point_coords": coords.astype(specs["point_coords"].numpy_type),
-        "point_labels": labels.astype(specs["point_labels"].numpy_type),
+        contract.POINT_COORDS: coords.astype(coords_spec.numpy_type),
+        contract.POINT_LABELS: labels.astype(specs[contract.POINT_LABELS].numpy_type),
         # One mask broadcast to all prompts (M = 1), unused because has_mask_input is 0.
-        "mask_input": np.zeros((1, *mask_dims[1:]), dtype=specs["mask_input"].numpy_type),
-        "has_mask_input": np.zeros(1, dtype=specs["has_mask_input"].numpy_type),
+        contract.MASK_INPUT: np.zeros((1, *mask_spec.dims[1:]), dtype=mask_spec.numpy_type),
+        contract.HAS_MASK_INPUT: np.zeros(1, dtype=specs[contract.HAS_MASK_INPUT].numpy_type),
     }
 
 
@@ -594,7 +588,7 @@ def build_scenarios(
     each decoder prompt count two images' embeddings with their prompts."""
     inputs_dir = output_dir / "inputs"
     encoder_specs = fetch_input_specs(url, settings.encoder_model)
-    side = encoder_specs["images"].dims[0]
+    side = encoder_specs[contract.IMAGES].dims[0]
     landscape, portrait = (side, side * 3 // 4), (side * 3 // 4, side)
     encoder_file = write_input_data(
         inputs_dir / f"{settings.encoder_model}.json",
@@ -631,7 +625,7 @@ def _int_list(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m serving.perf", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.perf_analyzer", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--concurrency",
@@ -687,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGINT, terminate)  # even if inherited ignored (see serving.run)
+    signal.signal(signal.SIGINT, terminate)  # even if inherited ignored (serving.launcher)
     results: list[PerfResult] = []
     failures: list[str] = []
     try:

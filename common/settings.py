@@ -1,7 +1,7 @@
 """The one settings object, read from environment variables.
 
-Every process (export, the Triton launcher, perf, the proxy, the tests) reads its ports, paths
-and model names from here, so no constant is repeated between them.
+Every process (export, the Triton launcher, the proxy, the tests and the benchmarks) reads its
+ports, paths, limits and model names from here, so no value is restated between them.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from common import contract
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,8 +39,8 @@ class Settings(BaseSettings):
 
     # --- Triton -------------------------------------------------------------------------
     model_repository: Path = Field(default=PROJECT_ROOT / "model_repository")
-    encoder_model: str = "mobilesam_encoder"
-    decoder_model: str = "mobilesam_decoder"
+    encoder_model: str = contract.ENCODER_MODEL
+    decoder_model: str = contract.DECODER_MODEL
     triton_host: str = "127.0.0.1"
     triton_http_port: int = 8000
     triton_grpc_port: int = 8001

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving import perf
-from serving.settings import Settings
+from benchmarks import perf_analyzer as perf
+from common.settings import Settings
 from serving.triton import TritonServer
 
 # Fixed request counts: no stability windows, so the run time is bounded (~2 encoder calls).

@@ -1,14 +1,17 @@
-"""proxy.amg against upstream `mobile_sam` (SamAutomaticMaskGenerator, utils/amg.py, torchvision).
+"""proxy.everything against upstream `mobile_sam` (SamAutomaticMaskGenerator, utils/amg.py,
+torchvision), without a server.
 
-Helpers are compared one by one with their upstream counterparts. The pipeline is compared
-end to end twice:
+Helpers are compared one by one with their upstream counterparts. The pipeline, as the service
+runs it (`SegmentationService.segment_everything` with a stand-in gateway), is compared end to
+end twice:
 
 * with a synthetic decoder (blobs with ragged edges, holes and islands around each grid point)
-  plugged into upstream's generator and into our steps: the same masks, bit for bit, and the
+  plugged into upstream's generator and into the service: the same masks, bit for bit, and the
   same records in the same order, with crops and with the small-region clean-up;
-* with the seeded random-init MobileSAM on a real photo: upstream's generator against our steps
-  fed by the same model in process (`SamPredictor.set_image` per crop; the exported decoder's
-  point embedding of our `decoder_inputs`, then upstream's `MaskDecoder.predict_masks`).
+* with the seeded random-init MobileSAM on a real photo: upstream's generator against the
+  service fed by the same model in process (upstream's image encoder on the service's
+  preprocessed crops; the exported decoder's point embedding of our `decoder_inputs`, then
+  upstream's `MaskDecoder.predict_masks`).
 """
 
 from __future__ import annotations
@@ -22,11 +25,19 @@ import cv2
 import numpy as np
 import pytest
 
-from proxy import amg
+from proxy import encodings
 from proxy.encodings import OutputFormat, decode_png, decode_polygons
+from proxy.errors import InvalidParameter
+from proxy.everything import crops as crop_steps
+from proxy.everything import masks as mask_steps
+from proxy.everything import regions as region_steps
+from proxy.everything import upstream as upstream_ports
+from proxy.everything.params import AmgParams
 from proxy.geometry import preprocess_shape
 from proxy.postprocess import postprocess_mask
-from tests.photos import photos
+from testkit.photos import photos
+
+from .standins import StandInGateway, segment_everything, service_with
 
 torch = pytest.importorskip("torch")
 upstream = pytest.importorskip("mobile_sam.utils.amg")
@@ -75,7 +86,7 @@ def as_masks(rles: list, size) -> np.ndarray:
     return np.stack([upstream.rle_to_mask(rle) for rle in rles])
 
 
-def our_masks(data: amg.MaskData) -> np.ndarray:
+def our_masks(data: mask_steps.MaskData) -> np.ndarray:
     if not len(data):
         return np.zeros((0, *data.size), dtype=bool)
     return np.stack([data.mask(i) for i in range(len(data))])
@@ -86,8 +97,8 @@ def our_masks(data: amg.MaskData) -> np.ndarray:
 
 def test_params_defaults_are_upstreams() -> None:
     signature = inspect.signature(SamAutomaticMaskGenerator.__init__)
-    ours = amg.AmgParams()
-    for name in amg.AmgParams.LIMITS:
+    ours = AmgParams()
+    for name in AmgParams.LIMITS:
         assert getattr(ours, name) == signature.parameters[name].default, name
 
 
@@ -112,21 +123,21 @@ def test_params_defaults_are_upstreams() -> None:
     ],
 )
 def test_params_reject_out_of_range(field: str, value, message: str) -> None:
-    with pytest.raises(amg.AmgParamsError, match=re.escape(message)) as caught:
-        amg.AmgParams(**{field: value})
+    with pytest.raises(InvalidParameter, match=re.escape(message)) as caught:
+        AmgParams(**{field: value})
     assert caught.value.field == field
     assert str(caught.value).startswith(f"{field}: ")
 
 
 def test_params_need_a_point_on_every_layer_and_known_names() -> None:
-    amg.AmgParams(points_per_side=4, crop_n_layers=2, crop_n_points_downscale_factor=2)
-    with pytest.raises(amg.AmgParamsError, match="leaves no point") as caught:
-        amg.AmgParams(points_per_side=3, crop_n_layers=2, crop_n_points_downscale_factor=2)
+    AmgParams(points_per_side=4, crop_n_layers=2, crop_n_points_downscale_factor=2)
+    with pytest.raises(InvalidParameter, match="leaves no point") as caught:
+        AmgParams(points_per_side=3, crop_n_layers=2, crop_n_points_downscale_factor=2)
     assert caught.value.field == "crop_n_points_downscale_factor"
-    with pytest.raises(amg.AmgParamsError, match="unknown parameter") as caught:
-        amg.AmgParams.from_mapping({"points_per_side": 8, "pred_iou_treshold": 0.5})
+    with pytest.raises(InvalidParameter, match="unknown parameter") as caught:
+        AmgParams.from_mapping({"points_per_side": 8, "pred_iou_treshold": 0.5})
     assert caught.value.field == "pred_iou_treshold"
-    params = amg.AmgParams.from_mapping({"points_per_side": 8, "pred_iou_thresh": 0})
+    params = AmgParams.from_mapping({"points_per_side": 8, "pred_iou_thresh": 0})
     assert params.points_per_side == 8
     assert isinstance(params.pred_iou_thresh, float)
 
@@ -136,7 +147,7 @@ def test_params_need_a_point_on_every_layer_and_known_names() -> None:
 
 @pytest.mark.parametrize(("n", "layers", "scale"), [(1, 0, 1), (8, 2, 2), (32, 3, 2), (5, 1, 3)])
 def test_point_grids_match_upstream(n: int, layers: int, scale: int) -> None:
-    ours = amg.build_all_layer_point_grids(n, layers, scale)
+    ours = upstream_ports.build_all_layer_point_grids(n, layers, scale)
     theirs = upstream.build_all_layer_point_grids(n, layers, scale)
     assert len(ours) == len(theirs)
     for mine, reference in zip(ours, theirs, strict=True):
@@ -147,18 +158,18 @@ def test_point_grids_match_upstream(n: int, layers: int, scale: int) -> None:
 @pytest.mark.parametrize("layers", [0, 1, 2, 3])
 @pytest.mark.parametrize("overlap", [512 / 1500, 0.0, 0.9])
 def test_crop_boxes_match_upstream(size, layers: int, overlap: float) -> None:
-    assert amg.generate_crop_boxes(size, layers, overlap) == upstream.generate_crop_boxes(
+    assert upstream_ports.generate_crop_boxes(
         size, layers, overlap
-    )
+    ) == upstream.generate_crop_boxes(size, layers, overlap)
 
 
 def test_crop_plan_matches_upstream_crops_and_points() -> None:
-    params = amg.AmgParams(points_per_side=6, crop_n_layers=2, crop_n_points_downscale_factor=2)
+    params = AmgParams(points_per_side=6, crop_n_layers=2, crop_n_points_downscale_factor=2)
     size = (480, 641)
     image = np.zeros((*size, 3), dtype=np.uint8)
     grids = upstream.build_all_layer_point_grids(6, 2, 2)
     boxes, layers = upstream.generate_crop_boxes(size, 2, params.crop_overlap_ratio)
-    jobs = amg.crop_plan(size, params)
+    jobs = crop_steps.crop_plan(size, params, LONG_SIDE)
     assert [list(job.box) for job in jobs] == boxes
     assert [job.layer for job in jobs] == layers
     for job, (x0, y0, x1, y1), layer in zip(jobs, boxes, layers, strict=True):
@@ -176,7 +187,7 @@ def test_crop_plan_matches_upstream_crops_and_points() -> None:
 def test_crop_plan_leaves_out_crops_upstream_cannot_encode() -> None:
     # A 1x1 image: three of upstream's four second-layer crops are empty, and `set_image`
     # fails on them; the fourth is the whole pixel again.
-    params = amg.AmgParams(points_per_side=2, crop_n_layers=1)
+    params = AmgParams(points_per_side=2, crop_n_layers=1)
     assert upstream.generate_crop_boxes((1, 1), 1, params.crop_overlap_ratio)[0] == [
         [0, 0, 1, 1],
         [0, 0, 1, 1],
@@ -184,20 +195,22 @@ def test_crop_plan_leaves_out_crops_upstream_cannot_encode() -> None:
         [1, 0, 1, 1],
         [1, 1, 1, 1],
     ]
-    assert [job.box for job in amg.crop_plan((1, 1), params)] == [(0, 0, 1, 1)] * 2
+    assert [job.box for job in crop_steps.crop_plan((1, 1), params, LONG_SIDE)] == [
+        (0, 0, 1, 1)
+    ] * 2
 
 
 @pytest.mark.parametrize(("length", "batch"), [(0, 3), (1, 64), (10, 3), (12, 4), (64, 64)])
 def test_batch_iterator_matches_upstream(length: int, batch: int) -> None:
     a, b = np.arange(length), np.arange(length) * 2.0
-    ours = list(amg.batch_iterator(batch, a, b))
+    ours = list(upstream_ports.batch_iterator(batch, a, b))
     theirs = list(upstream.batch_iterator(batch, a, b))
     assert len(ours) == len(theirs)
     for mine, reference in zip(ours, theirs, strict=True):
         for x, y in zip(mine, reference, strict=True):
             np.testing.assert_array_equal(x, y)
     with pytest.raises(ValueError, match="same size"):
-        next(amg.batch_iterator(2, a, np.arange(length + 1)))
+        next(upstream_ports.batch_iterator(2, a, np.arange(length + 1)))
 
 
 # --- boxes and NMS -----------------------------------------------------------------------
@@ -220,25 +233,20 @@ def test_box_helpers_match_upstream(crop_box) -> None:
     boxes = random_boxes(500, seed=sum(crop_box), extent=260)
     boxes_t = torch.as_tensor(boxes)
     np.testing.assert_array_equal(
-        amg.is_box_near_crop_edge(boxes, crop_box, [0, 0, 451, 300]),
+        upstream_ports.is_box_near_crop_edge(boxes, crop_box, [0, 0, 451, 300]),
         upstream.is_box_near_crop_edge(boxes_t, crop_box, [0, 0, 451, 300]).numpy(),
     )
     for values in (boxes, boxes.astype(np.float32), boxes[None]):
-        ours = amg.uncrop_boxes_xyxy(values, crop_box)
+        ours = upstream_ports.uncrop_boxes_xyxy(values, crop_box)
         theirs = upstream.uncrop_boxes_xyxy(torch.as_tensor(values), crop_box).numpy()
         np.testing.assert_array_equal(ours, theirs)
         assert ours.dtype == theirs.dtype
     points = np.random.default_rng(1).random((40, 2)) * 200
     np.testing.assert_array_equal(
-        amg.uncrop_points(points, crop_box),
+        upstream_ports.uncrop_points(points, crop_box),
         upstream.uncrop_points(torch.as_tensor(points), crop_box).numpy(),
     )
-    masks = blob_masks(2, crop_box[3] - crop_box[1], crop_box[2] - crop_box[0], seed=3)
-    np.testing.assert_array_equal(
-        amg.uncrop_masks(masks, crop_box, 300, 451),
-        upstream.uncrop_masks(torch.as_tensor(masks), crop_box, 300, 451).numpy(),
-    )
-    np.testing.assert_array_equal(amg.box_area(boxes), tv_box_area(boxes_t).numpy())
+    np.testing.assert_array_equal(upstream_ports.box_area(boxes), tv_box_area(boxes_t).numpy())
 
 
 @pytest.mark.parametrize("count", [0, 1, 7, 200, 1000])
@@ -250,7 +258,7 @@ def test_batched_nms_matches_torchvision(count: int, threshold: float, as_float:
     boxes[: count // 10] = boxes[count // 10 : 2 * (count // 10)]  # identical boxes
     scores = np.round(rng.random(count), 1).astype(np.float32)  # many ties
     for categories in (np.zeros(count, dtype=np.int64), rng.integers(0, 3, count)):
-        ours = amg.batched_nms(boxes, scores, categories, threshold)
+        ours = upstream_ports.batched_nms(boxes, scores, categories, threshold)
         theirs = tv_batched_nms(
             torch.as_tensor(boxes), torch.as_tensor(scores), torch.as_tensor(categories), threshold
         ).numpy()
@@ -266,7 +274,7 @@ def test_batched_nms_above_1000_boxes_keeps_torchvisions_set() -> None:
     zeros = np.zeros(count, dtype=np.int64)
     for scores in (np.round(rng.random(count), 1), rng.random(count)):
         scores = scores.astype(np.float32)
-        ours = amg.batched_nms(boxes, scores, zeros, 0.7)
+        ours = upstream_ports.batched_nms(boxes, scores, zeros, 0.7)
         theirs = tv_batched_nms(
             torch.as_tensor(boxes), torch.as_tensor(scores), torch.as_tensor(zeros), 0.7
         ).numpy()
@@ -285,7 +293,7 @@ def test_remove_small_regions_matches_upstream(mode: str, area: int) -> None:
     for seed, mask in enumerate(blob_masks(12, 61, 83, seed=area)):
         if seed == 0:
             mask = np.zeros_like(mask)
-        ours, changed = amg.remove_small_regions(mask, area, mode)
+        ours, changed = upstream_ports.remove_small_regions(mask, area, mode)
         theirs, their_changed = upstream.remove_small_regions(mask, area, mode)
         np.testing.assert_array_equal(ours, theirs)
         assert changed == their_changed
@@ -310,18 +318,20 @@ def test_rle_matches_upstream() -> None:
     masks = [*blob_masks(20, *size, seed=7), *edge_case_masks(*size)]
     theirs = upstream.mask_to_rle_pytorch(torch.as_tensor(np.stack(masks)))
     for mask, reference in zip(masks, theirs, strict=True):
-        rle = amg.mask_to_rle(mask)
-        assert rle == reference
-        np.testing.assert_array_equal(amg.rle_to_mask(rle), upstream.rle_to_mask(reference))
-        assert amg.area_from_rle(rle) == upstream.area_from_rle(reference)
-        assert amg.coco_encode_rle(rle) == upstream.coco_encode_rle(reference)
-        counts = np.asarray(rle["counts"])
+        counts = encodings.rle_counts(mask)
+        assert {"size": list(size), "counts": counts.tolist()} == reference
         np.testing.assert_array_equal(
-            amg.rle_counts_box(counts, size),
+            encodings.rle_window(counts, size, (0, 0, size[1], size[0])),
+            upstream.rle_to_mask(reference),
+        )
+        assert encodings.rle_area(counts) == upstream.area_from_rle(reference)
+        assert encodings.encode_rle_counts(counts, size) == upstream.coco_encode_rle(reference)
+        np.testing.assert_array_equal(
+            encodings.rle_box(counts, size),
             upstream.batched_mask_to_box(torch.as_tensor(mask)).numpy(),
         )
         np.testing.assert_array_equal(
-            amg.rle_counts_window(counts, size, (5, 3, 40, 30)), mask[3:30, 5:40]
+            encodings.rle_window(counts, size, (5, 3, 40, 30)), mask[3:30, 5:40]
         )
 
 
@@ -336,10 +346,10 @@ def test_rle_counts_of_a_crop_mask_are_those_of_the_uncropped_mask(crop_box) -> 
     uncropped = upstream.uncrop_masks(torch.as_tensor(np.stack(masks)), crop_box, orig_h, orig_w)
     theirs = upstream.mask_to_rle_pytorch(uncropped)
     for mask, reference in zip(masks, theirs, strict=True):
-        counts = amg.mask_to_rle_counts(mask, (orig_h, orig_w), (x0, y0))
+        counts = encodings.rle_counts(mask, (orig_h, orig_w), (x0, y0))
         assert counts.tolist() == reference["counts"]
         box = upstream.batched_mask_to_box(torch.as_tensor(mask)).numpy()
-        with_box = amg.mask_to_rle_counts(mask, (orig_h, orig_w), (x0, y0), box)
+        with_box = encodings.rle_counts(mask, (orig_h, orig_w), (x0, y0), box)
         np.testing.assert_array_equal(with_box, counts)
 
 
@@ -388,8 +398,10 @@ def test_postprocess_small_regions_matches_upstream() -> None:
             **{k: v.copy() for k, v in columns.items()},
         )
         theirs = SamAutomaticMaskGenerator.postprocess_small_regions(theirs, area, 0.7)
-        ours = amg.MaskData(size, [np.asarray(r["counts"]) for r in rles], boxes.copy(), **columns)
-        ours = amg.postprocess_small_regions(ours, area, 0.7)
+        ours = mask_steps.MaskData(
+            size, [np.asarray(r["counts"]) for r in rles], boxes.copy(), **columns
+        )
+        ours = region_steps.postprocess_small_regions(ours, area, 0.7)
         assert [r["counts"] for r in theirs["rles"]] == [c.tolist() for c in ours.rles]
         np.testing.assert_array_equal(np.asarray(theirs["boxes"]), ours.boxes)
         np.testing.assert_array_equal(theirs["iou_preds"], ours.iou_preds)
@@ -463,16 +475,25 @@ def upstream_with_synthetic_decoder(**kwargs) -> SamAutomaticMaskGenerator:
     return generator
 
 
-def ours_with_synthetic_decoder(size, params: amg.AmgParams) -> amg.MaskData:
-    crops = iter(range(1000))
+def ours_with_synthetic_decoder(size, params: AmgParams) -> mask_steps.MaskData:
+    """The service's segment-everything, its gateway answering with `synthetic_decoder`.
 
-    def decode(crop_index, coords, labels):
+    The stand-in encoder numbers the crops in the order the service encodes them (the whole
+    image first, as upstream), and the decoder answers for that crop.
+    """
+    encoded = iter(range(1000))
+
+    def encode(padded, input_size):
+        return np.full((1, 1, 1), next(encoded), dtype=np.float32)
+
+    def decode(embedding, coords, labels):
         assert coords.shape[1:] == (2, 2) and coords.dtype == labels.dtype == np.float32
         np.testing.assert_array_equal(labels, np.tile([1.0, -1.0], (len(labels), 1)))
         np.testing.assert_array_equal(coords[:, 1], 0.0)
-        return synthetic_decoder(coords[:, 0], crop_index)
+        return synthetic_decoder(coords[:, 0], int(embedding[0, 0, 0]))
 
-    return amg.generate_masks(size, params, lambda job: next(crops), decode)
+    service = service_with(StandInGateway(encode, decode, image_side=LONG_SIDE))
+    return segment_everything(service, np.zeros((*size, 3), dtype=np.uint8), params).masks
 
 
 @pytest.mark.parametrize(
@@ -486,7 +507,7 @@ def ours_with_synthetic_decoder(size, params: amg.AmgParams) -> amg.MaskData:
 )
 def test_process_batch_matches_upstream(crop_box, thresholds) -> None:
     pred_iou, stability = thresholds
-    params = amg.AmgParams(pred_iou_thresh=pred_iou, stability_score_thresh=stability)
+    params = AmgParams(pred_iou_thresh=pred_iou, stability_score_thresh=stability)
     orig_size = (480, 640)
     x0, y0, x1, y1 = crop_box
     crop_size = (y1 - y0, x1 - x0)
@@ -494,16 +515,18 @@ def test_process_batch_matches_upstream(crop_box, thresholds) -> None:
         pred_iou_thresh=pred_iou, stability_score_thresh=stability
     )
     generator.predictor.set_image(np.zeros((*crop_size, 3), dtype=np.uint8))
-    points = amg.build_point_grid(5)[3:19] * np.array(crop_size)[None, ::-1]
+    points = upstream_ports.build_point_grid(5)[3:19] * np.array(crop_size)[None, ::-1]
     with torch.no_grad():
         theirs = generator._process_batch(points, crop_size, crop_box, orig_size)
 
-    coords, _ = amg.decoder_inputs(points, crop_size, LONG_SIDE)
+    coords, _ = crop_steps.decoder_inputs(points, crop_size, LONG_SIDE)
     low_res, iou = synthetic_decoder(coords[:, 0], 0)
-    workspace = amg.Workspace()
-    ours = amg.process_batch(low_res, iou, points, crop_box, orig_size, params, workspace=workspace)
-    again = amg.process_batch(
-        low_res, iou, points, crop_box, orig_size, params, workspace=workspace
+    workspace = mask_steps.Workspace()
+    ours = mask_steps.process_batch(
+        low_res, iou, points, crop_box, orig_size, params, image_side=LONG_SIDE, workspace=workspace
+    )
+    again = mask_steps.process_batch(
+        low_res, iou, points, crop_box, orig_size, params, image_side=LONG_SIDE, workspace=workspace
     )
     assert len(ours) == len(theirs["rles"]) > 0
     np.testing.assert_array_equal(theirs["iou_preds"].numpy(), ours.iou_preds)
@@ -531,7 +554,9 @@ def test_logit_reach_bounds_the_upsampled_logits(original_size) -> None:
         if trial == 0:
             logits[:] = -20.0  # nothing reaches the threshold
         for threshold in (-1.0, 0.0, 1.0):
-            y0, y1, x0, x1 = amg.logit_reach(logits, threshold, input_size, original_size, 1024)
+            y0, y1, x0, x1 = mask_steps.logit_reach(
+                logits, threshold, input_size, original_size, 1024
+            )
             full = postprocess_mask(logits, input_size, original_size, out=out)
             above = full > threshold
             inside = np.zeros_like(above)
@@ -565,8 +590,8 @@ def test_segment_everything_matches_upstream_with_a_synthetic_decoder(case: str)
     generator = upstream_with_synthetic_decoder(output_mode="coco_rle", **settings)
     with torch.no_grad():
         theirs = generator.generate(np.zeros((*size, 3), dtype=np.uint8))
-    data = ours_with_synthetic_decoder(size, amg.AmgParams(**settings))
-    ours = amg.to_records(data, OutputFormat.RLE)
+    data = ours_with_synthetic_decoder(size, AmgParams(**settings))
+    ours = mask_steps.to_records(data, OutputFormat.RLE)
 
     assert len(ours) == len(theirs) > 10
     for mine, reference in zip(ours, theirs, strict=True):
@@ -577,9 +602,9 @@ def test_segment_everything_matches_upstream_with_a_synthetic_decoder(case: str)
 
     # The other formats encode the same masks.
     masks = our_masks(data)
-    for index, record in enumerate(amg.to_records(data, OutputFormat.PNG)[:5]):
+    for index, record in enumerate(mask_steps.to_records(data, OutputFormat.PNG)[:5]):
         np.testing.assert_array_equal(decode_png(record["segmentation"]), masks[index])
-    for index, record in enumerate(amg.to_records(data, OutputFormat.POLYGON)[:5]):
+    for index, record in enumerate(mask_steps.to_records(data, OutputFormat.POLYGON)[:5]):
         polygon_mask = decode_polygons(record["segmentation"], size)
         assert iou_matrix(polygon_mask[None], masks[index][None])[0, 0] > 0.8
 
@@ -673,11 +698,36 @@ def in_process_decoder(sam):
     return decode
 
 
+def upstream_gateway(sam) -> StandInGateway:
+    """Upstream's networks behind the service, as `SamPredictor` runs them.
+
+    The encoder gets the service's resized image, unpadded, through `Sam.preprocess` (what
+    `set_image` does with the same bytes); the decoder gets the very tensor the encoder
+    returned, so that the memoized model recognises the image.
+    """
+    features_of: dict[int, torch.Tensor] = {}
+    decode = in_process_decoder(sam)
+
+    def encode(padded, input_size):
+        height, width = input_size
+        image = torch.as_tensor(np.ascontiguousarray(padded[:height, :width]))
+        with torch.no_grad():
+            features = sam.image_encoder(sam.preprocess(image.permute(2, 0, 1)[None]))
+        embedding = features[0].numpy()
+        features_of[embedding.ctypes.data] = features
+        return embedding
+
+    def decode_features(embedding, coords, labels):
+        return decode(features_of[embedding.ctypes.data], coords, labels)
+
+    return StandInGateway(encode, decode_features, image_side=LONG_SIDE)
+
+
 def test_decoder_inputs_embed_like_predict_torch(memoized: MemoizedModel) -> None:
     """Our wire prompts give upstream's sparse embedding and decoder answer (tokens 1..3)."""
     sam = memoized.sam
     crop_size = (175, 260)
-    points = amg.build_point_grid(3) * np.array(crop_size)[None, ::-1]
+    points = upstream_ports.build_point_grid(3) * np.array(crop_size)[None, ::-1]
     predictor = SamPredictor(sam)
     predictor.features = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(1))
     predictor.input_size = predictor.transform.get_preprocess_shape(*crop_size, LONG_SIDE)
@@ -686,7 +736,7 @@ def test_decoder_inputs_embed_like_predict_torch(memoized: MemoizedModel) -> Non
     # Upstream `_process_batch`'s prompts.
     in_points = torch.as_tensor(predictor.transform.apply_coords(points, crop_size))
     in_labels = torch.ones(in_points.shape[0], dtype=torch.int)
-    coords, labels = amg.decoder_inputs(points, crop_size, LONG_SIDE)
+    coords, labels = crop_steps.decoder_inputs(points, crop_size, LONG_SIDE)
     with torch.no_grad():
         sparse, _ = sam.prompt_encoder(
             points=(in_points[:, None, :], in_labels[:, None]), boxes=None, masks=None
@@ -738,16 +788,8 @@ def test_segment_everything_matches_upstream_on_a_photo(memoized: MemoizedModel,
         theirs = theirs.generate(image)
     hits_before = memoized.decoder_hits
 
-    predictor = SamPredictor(sam)
-
-    def embed(job: amg.CropJob):
-        with torch.no_grad():
-            predictor.set_image(job.crop(image))
-        return predictor.features
-
-    data = amg.generate_masks(
-        image.shape[:2], amg.AmgParams(**settings), embed, in_process_decoder(sam)
-    )
+    service = service_with(upstream_gateway(sam))
+    data = segment_everything(service, image, AmgParams(**settings)).masks
     assert memoized.decoder_hits > hits_before  # our prompts embedded like upstream's
 
     assert abs(len(data) - len(theirs)) <= 0.02 * len(theirs)
@@ -757,7 +799,7 @@ def test_segment_everything_matches_upstream_on_a_photo(memoized: MemoizedModel,
     matched = ious[rows, cols]
     assert len(matched) == len(theirs) and matched.min() >= 0.95
     # Measured: the same count and order; mask IoU >= 0.99997 (float rounding when upsampling).
-    ours = amg.to_records(data, OutputFormat.RLE)
+    ours = mask_steps.to_records(data, OutputFormat.RLE)
     for row, col in zip(rows, cols, strict=True):
         mine, reference = ours[col], theirs[row]
         assert mine["predicted_iou"] == reference["predicted_iou"]

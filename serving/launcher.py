@@ -1,8 +1,9 @@
-"""`make run`: export if needed, start Triton, then the proxy; stop both on SIGTERM or Ctrl-C.
+"""`make run` and `make triton`: export if needed, start Triton (then the proxy), stop on
+SIGTERM or Ctrl-C.
 
-Two processes, as in production (docker-compose.yml): `tritonserver` through the same
-launcher as `make triton`, and `python -m proxy` (uvicorn). The proxy starts once Triton is
-ready; if either exits, the other is stopped too.
+Two processes, as in production (docker-compose.yml): `tritonserver` through `TritonServer`,
+and `python -m proxy` (uvicorn). The proxy starts once Triton is ready; if either exits, the
+other is stopped too.
 """
 
 from __future__ import annotations
@@ -13,20 +14,11 @@ import subprocess
 import sys
 import time
 
-from serving.settings import PROJECT_ROOT, get_settings
+from common.settings import PROJECT_ROOT, get_settings
+from serving.processes import stop_process
 from serving.triton import TritonError, TritonServer, export_if_needed
 
 log = logging.getLogger("run")
-
-
-def stop_process(process: subprocess.Popen, timeout_s: float = 30) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def serve(with_proxy: bool = True) -> int:
@@ -73,7 +65,3 @@ def serve(with_proxy: bool = True) -> int:
         if proxy is not None:
             stop_process(proxy)
         triton.stop()
-
-
-if __name__ == "__main__":
-    sys.exit(serve(with_proxy=True))

@@ -1,0 +1,52 @@
+"""Decoder answers for prompts -> the API's mask records (upstream's names and arithmetic)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from proxy import encodings, postprocess
+from proxy.geometry import Size
+
+
+def prompt_records(
+    low_res: np.ndarray,
+    iou: np.ndarray,
+    input_size: Size,
+    original_size: Size,
+    image_side: int,
+    multimask_output: bool,
+    output_format: encodings.OutputFormat,
+) -> list[dict[str, Any]]:
+    """One prompt's answer ([4, 256, 256] logits, [4] IoU) -> its records, best IoU first.
+
+    Tokens as `SamPredictor.predict` picks them (1..3 with multimask, else 0), upsampled to the
+    image as `Sam.postprocess_masks` does.
+    """
+    chosen_masks, chosen_iou = postprocess.select_masks(low_res[None], iou[None], multimask_output)
+    logits = postprocess.postprocess_masks(
+        chosen_masks[0], input_size, original_size, image_side=image_side
+    )
+    records = [
+        mask_record(mask_logits, float(score), output_format)
+        for mask_logits, score in zip(logits, chosen_iou[0], strict=True)
+    ]
+    records.sort(key=lambda record: record["predicted_iou"], reverse=True)
+    return records
+
+
+def mask_record(
+    logits: np.ndarray, predicted_iou: float, output_format: encodings.OutputFormat
+) -> dict[str, Any]:
+    mask = postprocess.threshold_masks(logits)
+    stability = float(postprocess.stability_score(logits))
+    return {
+        "segmentation": encodings.encode_mask(mask, output_format),
+        "predicted_iou": predicted_iou,
+        # Upstream's score is NaN when no logit passes -offset; JSON has no NaN, and such a
+        # mask (empty at every threshold) has no stability to speak of.
+        "stability_score": stability if np.isfinite(stability) else 0.0,
+        "area": int(mask.sum()),
+        "bbox": [int(v) for v in postprocess.mask_to_box_xywh(mask)],
+    }

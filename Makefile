@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run export triton perf bench bench-quick test test-fast lint format clean
+.PHONY: setup run export triton perf bench bench-quick test test-fast test-containers lint format clean
 
 setup: $(SETUP_STAMP)
 
@@ -44,6 +44,15 @@ test: setup lint
 # The tests that need neither Triton nor a proxy process (under a minute).
 test-fast: setup
 	$(PY) -m pytest -m "not integration"
+
+# docker-compose.yml built and run for real, with podman (no Docker engine or registry here):
+# podman and docker-compose from apt, a Debian 12 base, the three images (tagged `test`, so a
+# user's own images stay), then tests/containers. Not part of `make test`; README, "Docker".
+CONTAINER_TAG := test
+test-containers: setup
+	bash scripts/podman.sh setup
+	IMAGE_TAG=$(CONTAINER_TAG) PY=$(PY) bash scripts/podman.sh build
+	IMAGE_TAG=$(CONTAINER_TAG) $(PY) -m pytest tests/containers
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

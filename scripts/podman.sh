@@ -100,12 +100,11 @@ build_base() {
 }
 
 build_image() {
-  local name=$1 image=mobilesam-triton/$1:$IMAGE_TAG start=$SECONDS previous
+  local name=$1 image=mobilesam-triton/$1:$IMAGE_TAG start=$SECONDS
   local args=(--build-arg "BASE=$BASE_IMAGE")
   [ "$name" = export ] && args+=(--build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL-}")
   local pip_options
   mapfile -t pip_options < <("$PY" "$ROOT/scripts/pip_build_config.py" "$STATE/pip")
-  previous=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
   log "building $image (log: build/podman/logs/build-$name.log)"
   # --format docker: the OCI format has no HEALTHCHECK (podman drops it with a warning).
   if ! timeout 1800 podman build --format docker --layers \
@@ -114,12 +113,19 @@ build_image() {
     tail -n 30 "$STATE/logs/build-$name.log" >&2
     return 1
   fi
-  # The image this tag named before is now untagged: remove it (unless a container uses it).
-  if [ -n "$previous" ] && [ "$previous" != "$(podman image inspect --format '{{.Id}}' "$image")" ]; then
-    podman rmi "$previous" >/dev/null 2>&1 || true
-  fi
   log "$image: $((SECONDS - start)) s, $(podman image inspect --format '{{.Size}}' "$image" \
     | awk '{printf "%.0f MB", $1 / 1e6}')"
+}
+
+# Layers of earlier builds that no tagged image uses any more (found by the label the
+# Dockerfiles give every layer), repeatedly: removing one may leave its parent unused.
+prune_superseded() {
+  local ids
+  while ids=$(podman images --all --quiet --filter dangling=true \
+    --filter label=mobilesam-triton.image) && [ -n "$ids" ]; do
+    # shellcheck disable=SC2086  # one ID a word
+    podman rmi $ids >/dev/null 2>&1 || break
+  done
 }
 
 build() {
@@ -132,6 +138,7 @@ build() {
       *) log "unknown image $name (export, triton or proxy)"; return 2 ;;
     esac
   done
+  prune_superseded
 }
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

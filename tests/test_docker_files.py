@@ -685,3 +685,11 @@ def test_dockerignore_keeps_models_and_local_state_out():
         "**/__pycache__",
     }
     assert required <= patterns, f".dockerignore lacks {required - patterns}"
+
+
+def test_every_layer_is_labelled_for_the_clean_up():
+    """`scripts/podman.sh build` removes superseded layers by this label, and nothing else."""
+    for name, extra in IMAGE_EXTRAS.items():
+        first = dockerfile(name)[[i.keyword for i in dockerfile(name)].index("FROM") + 1]
+        assert (first.keyword, first.arguments) == ("LABEL", f'mobilesam-triton.image="{extra}"')
+    assert "--filter label=mobilesam-triton.image" in PODMAN_SCRIPT.read_text()

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run export triton perf bench bench-quick test test-fast test-containers lint format clean
+.PHONY: setup run export triton perf bench bench-quick test test-fast lint format clean
 
 setup: $(SETUP_STAMP)
 
@@ -49,6 +49,7 @@ test-fast: setup
 # podman and docker-compose from apt, a Debian 12 base, the three images (tagged `test`, so a
 # user's own images stay), then tests/containers. Not part of `make test`; README, "Docker".
 CONTAINER_TAG := test
+.PHONY: test-containers
 test-containers: setup
 	bash scripts/podman.sh setup
 	IMAGE_TAG=$(CONTAINER_TAG) PY=$(PY) bash scripts/podman.sh build

@@ -42,7 +42,7 @@ mkdir -p "$STATE/logs"
 
 log() { printf 'podman.sh: %s\n' "$*" >&2; }
 
-setup() {
+install_packages() {
   # catatonit: the init of `init: true`; curl: to ask the API service whether it is up.
   local packages=(podman runc catatonit netavark aardvark-dns mmdebstrap docker-compose curl)
   local missing=() package
@@ -54,6 +54,9 @@ setup() {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
+}
+
+write_config() {
   local nofile nproc config
   nofile=$(ulimit -Hn) nproc=$(ulimit -Hu)
   [ "$nofile" != unlimited ] && [ "$nofile" -le 65536 ] || nofile=65536
@@ -79,9 +82,9 @@ CONF
 # merged-/usr without the usrmerge package (which would bring perl); no docs or locales.
 build_base() {
   podman image exists "$BASE_IMAGE" && return
-  log "building $BASE_IMAGE with mmdebstrap"
+  log "building $BASE_IMAGE with mmdebstrap (log: build/podman/logs/base.log)"
   local tarball=$STATE/base.tar
-  timeout 1200 mmdebstrap --variant=minbase --quiet \
+  if ! timeout 1200 mmdebstrap --variant=minbase \
     --include=python3,python3-venv,libpython3.11,ca-certificates \
     --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
     --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -90,7 +93,10 @@ build_base() {
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin "$1"/var/log/*' \
-    bookworm "$tarball"
+    bookworm "$tarball" >"$STATE/logs/base.log" 2>&1; then
+    tail -n 30 "$STATE/logs/base.log" >&2
+    return 1
+  fi
   podman import --quiet \
     --change 'ENV LANG=C.UTF-8' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
@@ -170,10 +176,12 @@ stop_helpers() {
   alive "$ticker" && kill -- "-$(cat "$ticker")" 2>/dev/null
   rm -f "$ticker"
   # The API service serves every project of this clone: stop it with the last one.
-  if ! compgen -G "$STATE/health-*.pid" >/dev/null && alive "$STATE/api.pid"; then
-    kill "$(cat "$STATE/api.pid")"
-    rm -f "$STATE/api.pid"
-  fi
+  local other
+  for other in "$STATE"/health-*.pid; do
+    alive "$other" && return
+  done
+  alive "$STATE/api.pid" && kill "$(cat "$STATE/api.pid")"
+  rm -f "$STATE/api.pid"
 }
 
 # Runs the HEALTHCHECKs of the project's running containers every HEALTH_INTERVAL_S (podman
@@ -212,8 +220,9 @@ down() {
 
 command=${1:-}
 shift || true
+write_config
 case $command in
-  setup) setup ;;
+  setup) install_packages ;;
   build) build "$@" ;;
   compose) start_helpers; compose "$@" ;;
   down) down ;;

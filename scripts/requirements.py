@@ -3,8 +3,9 @@
     python3 requirements.py PYPROJECT EXTRA...
 
 The Dockerfiles install their dependencies from this list instead of `pip install ./[extra]`,
-which needs the whole project (README.md included) in the layer: so the dependency layers
-depend on pyproject.toml alone, and an edit elsewhere does not re-install torch.
+which needs the whole project (README.md included) in the layer: made in a stage of its own,
+the list is all the dependency layers depend on, so an edit of anything else (another extra,
+the code, the README) does not re-install torch.
 The project's own `dependencies` come first, then each extra's, without repeats.
 """
 

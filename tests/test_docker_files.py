@@ -139,9 +139,8 @@ def build_args(name: str) -> dict[str, str | None]:
 
 
 def base_image(name: str) -> str:
-    """The FROM image, with a build argument replaced by its default."""
-    (arguments,) = instructions(name, "FROM")
-    image = arguments.split()[0]
+    """The last stage's FROM image, with a build argument replaced by its default."""
+    image = instructions(name, "FROM")[-1].split()[0]
     match = re.fullmatch(r"\$\{?(\w+)\}?", image)
     return build_args(name)[match.group(1)] if match else image
 
@@ -449,12 +448,12 @@ def pip_installs(name: str) -> list[list[str]]:
 
 
 def requirements_commands(name: str) -> list[list[str]]:
-    """`python requirements.py PYPROJECT EXTRA...` commands of the Dockerfile."""
+    """The arguments of the Dockerfile's `python3 .../requirements.py PYPROJECT EXTRA...`."""
     commands = []
     for run in instructions(name, "RUN"):
         for command in re.split(r"&&|;", run):
             tokens = shlex.split(command.split(">")[0])
-            if tokens[:2] == ["python", "requirements.py"]:
+            if tokens[:1] == ["python3"] and tokens[1:2] == ["/tmp/requirements.py"]:
                 commands.append(tokens[2:])
     return commands
 
@@ -472,9 +471,12 @@ def test_dockerfiles_install_the_pyproject_extras(name):
     extra = IMAGE_EXTRAS[name]
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert extra in extras, f"pyproject.toml has no `{extra}` extra for {name}"
-    assert requirements_commands(name) == [["pyproject.toml", extra]], (
-        f"{name} must install `python requirements.py pyproject.toml {extra}`"
+    assert requirements_commands(name) == [["/tmp/pyproject.toml", extra]], (
+        f"{name} must list the requirements of `{extra}` with scripts/requirements.py"
     )
+    copies = instructions(name, "COPY")
+    assert "pyproject.toml scripts/requirements.py /tmp/" in copies
+    assert "--from=requirements /tmp/requirements.txt /tmp/requirements.txt" in copies
     listed = load_script("requirements").requirements(str(PROJECT_ROOT / "pyproject.toml"), [extra])
     assert set(extras[extra]) | set(PYPROJECT["project"]["dependencies"]) == set(listed)
     # The pins live in pyproject.toml only; the one exception is the Triton wheel, which
@@ -507,7 +509,9 @@ def test_requirements_script_lists_base_then_extras_once():
 @pytest.mark.parametrize("name", sorted(IMAGE_EXTRAS))
 def test_images_run_the_projects_python(name):
     requires = SpecifierSet(PYPROJECT["project"]["requires-python"])
-    assert instructions(name, "FROM") == ["${BASE}"], f"{name}: the base is the BASE build argument"
+    assert {f.split()[0] for f in instructions(name, "FROM")} == {"${BASE}"}, (
+        f"{name}: every stage starts from the BASE build argument"
+    )
     match = SLIM_BASE.match(base_image(name))
     assert match, f"{name}'s default base must be python:X.Y-slim, not {base_image(name)}"
     python = match.group(1)
@@ -690,6 +694,12 @@ def test_dockerignore_keeps_models_and_local_state_out():
 def test_every_layer_is_labelled_for_the_clean_up():
     """`scripts/podman.sh build` removes superseded layers by this label, and nothing else."""
     for name, extra in IMAGE_EXTRAS.items():
-        first = dockerfile(name)[[i.keyword for i in dockerfile(name)].index("FROM") + 1]
-        assert (first.keyword, first.arguments) == ("LABEL", f'mobilesam-triton.image="{extra}"')
+        steps = dockerfile(name)
+        for index, step in enumerate(steps):
+            if step.keyword == "FROM":
+                label = steps[index + 1]
+                assert (label.keyword, label.arguments) == (
+                    "LABEL",
+                    f'mobilesam-triton.image="{extra}"',
+                ), name
     assert "--filter label=mobilesam-triton.image" in PODMAN_SCRIPT.read_text()

@@ -1,8 +1,12 @@
 """`python -m serving.container`: Triton as the main process of its container (Dockerfile.triton).
 
 The container runs what the tests run: the command of `TritonServer.from_settings()` (the same
-binary, flags and backend layout; the ports, host and repository from the environment), so no
-flag is restated in a Dockerfile. Before it execs `tritonserver` it frees the /dev/shm regions
+binary, flags and backend layout; the ports and repository from the environment), so no flag
+is restated in a Dockerfile. It listens on TRITON_HOST when that is an address of the
+container: 127.0.0.1 (the default) in the network namespace compose's `pod` shares with the
+proxy, out of everyone else's reach. Otherwise TRITON_HOST is the name others reach Triton by
+(a Kubernetes Service, whose settings every container shares), and it listens on all of the
+container's interfaces. Before it execs `tritonserver` it frees the /dev/shm regions
 of stubs that died with an earlier run of this container: the container's /dev/shm outlives a
 restart, and a region whose stub was SIGKILLed is never unlinked, so without this every crash
 would leak one region per instance until the models no longer load.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +33,20 @@ from serving.triton import TritonServer, prepare_backend_directory, server_envir
 WORK_DIR = Path("/opt/triton")
 
 
+def listen_address(host: str) -> str:
+    """`host` if this container can listen there, else every interface."""
+    try:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            return probe.getsockname()[0]
+    except OSError:  # not an address of ours (EADDRNOTAVAIL), or a name that does not resolve
+        return "0.0.0.0"
+
+
 def server() -> TritonServer:
-    return TritonServer.from_settings(get_settings(), work_dir=WORK_DIR)
+    settings = get_settings()
+    host = listen_address(settings.triton_host)
+    return TritonServer.from_settings(settings, host=host, work_dir=WORK_DIR)
 
 
 def command() -> list[str]:

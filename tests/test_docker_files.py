@@ -552,6 +552,14 @@ def test_triton_image_runs_the_launchers_command(monkeypatch, tmp_path):
     assert str(default("triton_http_port")) in instructions("Dockerfile.triton", "EXPOSE")[0]
 
 
+def test_triton_listens_on_its_host_when_it_is_ours_else_everywhere():
+    """Loopback in compose's shared namespace; a Service's name (not an address of the
+    container) means all interfaces. 192.0.2.1 is a documentation address: never local."""
+    assert container.listen_address("127.0.0.1") == "127.0.0.1"
+    assert container.listen_address("192.0.2.1") == "0.0.0.0"
+    assert container.listen_address("0.0.0.0") == "0.0.0.0"
+
+
 def test_triton_entry_frees_only_regions_no_stub_holds(tmp_path):
     held = f"{PYTHON_BACKEND_SHM_PREFIX}held"
     stale = f"{PYTHON_BACKEND_SHM_PREFIX}stale"

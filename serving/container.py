@@ -2,14 +2,17 @@
 
 The container runs what the tests run: the command of `TritonServer.from_settings()` (the same
 binary, flags and backend layout; the ports and repository from the environment), so no flag
-is restated in a Dockerfile. It listens on TRITON_HOST when that is an address of the
-container: 127.0.0.1 (the default) in the network namespace compose's `pod` shares with the
-proxy, out of everyone else's reach. Otherwise TRITON_HOST is the name others reach Triton by
-(a Kubernetes Service, whose settings every container shares), and it listens on all of the
-container's interfaces. Before it execs `tritonserver` it frees the /dev/shm regions
-of stubs that died with an earlier run of this container: the container's /dev/shm outlives a
-restart, and a region whose stub was SIGKILLed is never unlinked, so without this every crash
-would leak one region per instance until the models no longer load.
+is restated in a Dockerfile.
+
+It listens on TRITON_HOST when that is an address of the container: 127.0.0.1 (the default) in
+the network namespace compose's `pod` shares with the proxy, out of everyone else's reach.
+Otherwise TRITON_HOST is the name others reach Triton by (a Kubernetes Service, whose settings
+every container shares), and it listens on all of the container's interfaces.
+
+Before it execs `tritonserver` it frees the /dev/shm regions of stubs that died with an earlier
+run of this container: the container's /dev/shm outlives a restart, and a region whose stub was
+SIGKILLed is never unlinked, so every crash would leak one region per instance until the
+models no longer load.
 
 `--prepare` lays out the backend directory at build time (as root, so the image needs no write
 access at start) and fails if the server or the backend lacks a shared library in this image;

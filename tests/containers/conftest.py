@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -26,7 +27,7 @@ from testkit.ports import free_port
 
 PODMAN_SCRIPT = PROJECT_ROOT / "scripts" / "podman.sh"
 IMAGE_TAG = os.environ.get("IMAGE_TAG", "latest")  # compose's default; make passes "test"
-CHECKPOINT = "mobilesam-random-seed0.pt"
+CHECKPOINT = "mobilesam.pt"  # the tests' seeded checkpoint, in the mounted folder
 UNREADABLE_CHECKPOINT = "unreadable.pt"
 # Bounds: the export of a fresh volume takes 1-4 minutes on two busy cores.
 UP_TIMEOUT_S = 1200
@@ -153,11 +154,30 @@ def checkpoints_dir(tmp_path_factory: pytest.TempPathFactory, checkpoint_path: P
     return folder
 
 
+PROJECT_PREFIX = "mobilesam-test-"
+
+
+def abandoned_projects(project: ComposeProject) -> set[str]:
+    """Projects of earlier runs whose pytest is gone (killed before its teardown)."""
+    listings = [
+        ("ps", "--all", "--format", '{{index .Labels "com.docker.compose.project"}}'),
+        ("volume", "ls", "--format", "{{.Name}}"),
+        ("network", "ls", "--format", "{{.Name}}"),
+    ]
+    names = set()
+    for listing in listings:
+        for name in project.podman(*listing).stdout.split():
+            match = re.match(rf"({PROJECT_PREFIX}(\d+))(_|$)", name)
+            if match and not Path(f"/proc/{match.group(2)}").exists():
+                names.add(match.group(1))
+    return names
+
+
 @pytest.fixture(scope="session")
 def project(checkpoints_dir: Path) -> Iterator[ComposeProject]:
     log_dir = PROJECT_ROOT / "build" / "tests" / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    name = f"mobilesam-test-{os.getpid()}"
+    name = f"{PROJECT_PREFIX}{os.getpid()}"
     proxy_port = free_port()
     triton_ports = (free_port(), free_port(), free_port())
     project = ComposeProject(
@@ -178,6 +198,8 @@ def project(checkpoints_dir: Path) -> Iterator[ComposeProject]:
         proxy_port=proxy_port,
         triton_ports=triton_ports,
     )
+    for abandoned in abandoned_projects(project):
+        project.run("down", timeout=300, COMPOSE_PROJECT_NAME=abandoned)
     for image in ("export", "triton", "proxy"):
         image = f"mobilesam-triton/{image}:{IMAGE_TAG}"
         found = project.podman("image", "exists", image, check=False)

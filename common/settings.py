@@ -49,6 +49,15 @@ class Settings(BaseSettings):
 
     triton_timeout_s: float = Field(default=30.0, description="Deadline of one Triton call.")
     triton_retry_after_s: int = Field(default=2, description="Retry-After when Triton is busy.")
+    # Several Tritons (proxy/endpoints.py): a name resolving to several addresses (a headless
+    # Kubernetes Service) is one endpoint per address, re-resolved at every health check.
+    triton_endpoints: str = Field(
+        default="",
+        description="Comma-separated host:port list; empty: TRITON_HOST:TRITON_HTTP_PORT.",
+    )
+    triton_health_interval_s: float = Field(
+        default=2.0, description="How often each endpoint's readiness is probed (and DNS read)."
+    )
 
     # --- proxy --------------------------------------------------------------------------
     proxy_host: str = "127.0.0.1"
@@ -65,10 +74,23 @@ class Settings(BaseSettings):
     embedding_cache_bytes: int = Field(
         default=512 * 1024 * 1024, description="LRU budget; one embedding is 4 MiB."
     )
+    # The shared tier behind the local LRU (proxy/shared_cache.py), for several proxy replicas.
+    redis_url: str | None = Field(default=None, description="redis://host:port/db; unset: local.")
+    redis_ttl_s: int = Field(default=3600, description="Entry lifetime, renewed on every read.")
+    redis_timeout_s: float = Field(default=0.5, description="Deadline of one Redis call.")
+    redis_max_entry_bytes: int = Field(
+        default=16 * 1024 * 1024, description="Larger entries (big uploads) stay local."
+    )
 
     @property
     def triton_http_url(self) -> str:
         return f"{self.triton_host}:{self.triton_http_port}"
+
+    @property
+    def triton_http_endpoints(self) -> list[str]:
+        """host:port of every Triton HTTP endpoint the proxy balances over."""
+        listed = [part.strip() for part in self.triton_endpoints.split(",") if part.strip()]
+        return listed or [self.triton_http_url]
 
     @property
     def triton_metrics_url(self) -> str:

@@ -8,12 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from common.settings import Settings, get_settings
-from proxy.cache import EmbeddingCache
+from proxy.cache import EmbeddingCache, SharedTier
 from proxy.metrics import ProxyMetrics
 from proxy.middleware import BodySizeLimit, RequestMetrics
 from proxy.problems import install_problem_handlers
 from proxy.routes import router
 from proxy.service import ModelGateway, SegmentationService
+from proxy.shared_cache import RedisTier
 from proxy.triton_client import TritonGateway
 
 # Room for the form fields (prompts, options) beside the file itself.
@@ -29,6 +30,19 @@ the encoder again. Errors are `application/problem+json` with a machine-readable
 GatewayFactory = Callable[[Settings, ProxyMetrics], ModelGateway]
 
 
+def shared_tier(settings: Settings, metrics: ProxyMetrics) -> SharedTier | None:
+    """Redis behind the local LRU when REDIS_URL is set (several proxy replicas)."""
+    if not settings.redis_url:
+        return None
+    return RedisTier(
+        settings.redis_url,
+        ttl_s=settings.redis_ttl_s,
+        timeout_s=settings.redis_timeout_s,
+        max_entry_bytes=settings.redis_max_entry_bytes,
+        metrics=metrics,
+    )
+
+
 def create_app(
     settings: Settings | None = None, gateway_factory: GatewayFactory = TritonGateway
 ) -> FastAPI:
@@ -40,12 +54,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = gateway_factory(settings, metrics)
-        cache = EmbeddingCache(settings.embedding_cache_bytes)
+        cache = EmbeddingCache(settings.embedding_cache_bytes, shared_tier(settings, metrics))
         app.state.service = SegmentationService(settings, gateway, cache, metrics)
         try:
             yield
         finally:
             await gateway.close()
+            await cache.close()
 
     app = FastAPI(
         title="MobileSAM on Triton",

@@ -127,7 +127,7 @@ class SegmentationService:
     ) -> OpenedImage:
         """An upload (decoded unless its embedding is cached) or an earlier image_id."""
         if data is None:
-            entry = self.cache.get(self._key(image_id))
+            entry = await self.cache.lookup(self._key(image_id))
             if entry is None:
                 self.metrics.cache_lookups.labels(result="miss").inc()
                 raise UnknownImageId(
@@ -135,7 +135,7 @@ class SegmentationService:
                 )
             return OpenedImage(image_id, entry.original_size, entry)
         image_id = image_id_for(data)
-        entry = self.cache.get(self._key(image_id))
+        entry = await self.cache.lookup(self._key(image_id))
         if entry is not None:
             return OpenedImage(image_id, entry.original_size, entry)
         pixels = await self._decode_pixels(data, timings)

@@ -15,12 +15,12 @@ from typing import TypeVar
 
 import aiohttp
 import numpy as np
-import tritonclient.http.aio as triton_http
 from tritonclient.http import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from common import contract
 from common.settings import Settings
+from proxy.endpoints import EndpointPool
 from proxy.errors import ServiceError, TritonFailed, TritonTimeout, TritonUnavailable
 from proxy.geometry import Size
 from proxy.metrics import ProxyMetrics
@@ -67,8 +67,12 @@ class TritonGateway:
     def __init__(self, settings: Settings, metrics: ProxyMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.client = triton_http.InferenceServerClient(
-            settings.triton_http_url, conn_timeout=settings.triton_timeout_s
+        # One Triton or several: each call goes to a healthy endpoint (proxy/endpoints.py).
+        self.client = EndpointPool(
+            settings.triton_http_endpoints,
+            settings.triton_timeout_s,
+            settings.triton_health_interval_s,
+            metrics,
         )
         self._image_side: int | None = None
 

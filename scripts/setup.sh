@@ -25,6 +25,15 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# kubectl (with its built-in kustomize) renders the Kubernetes manifests in the tests. This
+# machine image ships it; Debian 12 has no package of it and no other source is reachable
+# from here, so a machine without it stops now rather than halfway through the tests.
+if ! kubectl kustomize --help >/dev/null 2>&1; then
+  echo "setup: kubectl with kustomize (kubectl >= 1.14) is required for tests/test_kubernetes.py;" \
+    "install it from the Kubernetes project's packages and re-run" >&2
+  exit 1
+fi
+
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ".[triton,client,proxy,export,bench,dev]"

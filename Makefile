@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run export triton perf bench bench-quick test test-fast lint format clean
+.PHONY: setup run export triton perf bench bench-quick test test-fast k8s-play lint format clean
 
 setup: $(SETUP_STAMP)
 
@@ -44,6 +44,11 @@ test: setup lint
 # The tests that need neither Triton nor a proxy process (under a minute).
 test-fast: setup
 	$(PY) -m pytest -m "not integration"
+
+# The small Kubernetes overlay's Triton and proxy pods under `podman kube play`, answering one
+# request (needs the images built from docker/, podman and catatonit; not part of `make test`).
+k8s-play: setup
+	PYTHONPATH=. $(PY) scripts/k8s_podman_play.py
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

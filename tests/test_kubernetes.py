@@ -414,7 +414,7 @@ def test_triton_waits_until_every_model_is_exported(tmp_path: Path) -> None:
                 ["/bin/sh", "-c", script],
                 env={"MODEL_REPOSITORY": str(repository), "PATH": "/usr/bin:/bin"},
                 capture_output=True,
-                timeout=2,
+                timeout=1,
                 check=True,
             )
         except subprocess.TimeoutExpired:

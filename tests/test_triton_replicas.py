@@ -21,11 +21,11 @@ import tritonclient.http as triton_http
 
 from common.settings import Settings
 from serving.triton import TritonServer
-from testkit.ports import free_port
 from testkit.processes import ServerProcess, proxy_process
 
-from .conftest import BUILD
+from .conftest import BUILD, another_triton
 from .test_proxy_api import POINT, png_bytes, segment
+from .test_shared_cache import proxy_metric
 
 HEALTH_INTERVAL_S = 0.5
 CONCURRENCY = 4
@@ -34,15 +34,7 @@ REQUESTS = 40  # ~50 ms of decoder each: a few seconds in all
 
 @pytest.fixture(scope="module")
 def second_triton(settings: Settings, triton_server: TritonServer) -> Iterator[TritonServer]:
-    server = TritonServer.from_settings(
-        settings,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_path=BUILD / "logs" / "triton-second.log",
-        work_dir=BUILD / "triton",
-    )
-    with server:
+    with another_triton(settings, "triton-second") as server:
         server.wait_ready(settings.triton_ready_timeout_s)
         yield server
 
@@ -70,13 +62,6 @@ def decoder_count(server: TritonServer, settings: Settings) -> int:
 
 def counts(servers: list[TritonServer], settings: Settings) -> list[int]:
     return [decoder_count(server, settings) for server in servers]
-
-
-def proxy_metric(client: httpx.Client, sample: str) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{sample} not in the proxy's metrics")
 
 
 def wait_for_endpoints(client: httpx.Client, healthy: int, ejected: int) -> None:

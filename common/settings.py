@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     embedding_cache_bytes: int = Field(
         default=512 * 1024 * 1024, description="LRU budget; one embedding is 4 MiB."
     )
+    mask_cache_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        description="LRU budget of the masks kept for refinement; one mask is 256 KiB.",
+    )
 
     @property
     def triton_http_url(self) -> str:

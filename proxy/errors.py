@@ -40,6 +40,12 @@ class UnknownImageId(ServiceError):
     code = "unknown_image_id"
 
 
+class UnknownMaskId(ServiceError):
+    """The mask_id is not (or no longer) kept."""
+
+    code = "unknown_mask_id"
+
+
 class InvalidParameter(ServiceError, ValueError):
     """A setting outside its documented range; `field` names it."""
 

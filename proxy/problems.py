@@ -42,6 +42,7 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.ImageRequired: 422,
     errors.PayloadTooLarge: 413,
     errors.UnknownImageId: 404,
+    errors.UnknownMaskId: 404,
     errors.InvalidParameter: 422,
     errors.PromptError: 422,
     errors.ImageError: 422,

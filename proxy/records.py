@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,11 +19,12 @@ def prompt_records(
     image_side: int,
     multimask_output: bool,
     output_format: encodings.OutputFormat,
+    mask_ids: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One prompt's answer ([4, 256, 256] logits, [4] IoU) -> its records, best IoU first.
 
     Tokens as `SamPredictor.predict` picks them (1..3 with multimask, else 0), upsampled to the
-    image as `Sam.postprocess_masks` does.
+    image as `Sam.postprocess_masks` does. `mask_ids`, one per chosen token, go with them.
     """
     chosen_masks, chosen_iou = postprocess.select_masks(low_res[None], iou[None], multimask_output)
     logits = postprocess.postprocess_masks(
@@ -32,6 +34,9 @@ def prompt_records(
         mask_record(mask_logits, float(score), output_format)
         for mask_logits, score in zip(logits, chosen_iou[0], strict=True)
     ]
+    if mask_ids is not None:
+        for record, mask_id in zip(records, mask_ids, strict=True):
+            record["mask_id"] = mask_id
     records.sort(key=lambda record: record["predicted_iou"], reverse=True)
     return records
 

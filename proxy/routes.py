@@ -12,11 +12,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from common.settings import Settings
 from proxy.encodings import OutputFormat
 from proxy.errors import ImageRequired, PayloadTooLarge
+from proxy.events import EVENT_STREAM, event_stream_response, wants_event_stream
 from proxy.everything.params import AmgParams
+from proxy.everything.pipeline import Progress
 from proxy.metrics import ProxyMetrics
 from proxy.problems import problem_response
 from proxy.schemas import EmbedResponse, EverythingResponse, SegmentResponse
-from proxy.service import EmbeddedImage, SegmentationService
+from proxy.service import EmbeddedImage, EverythingResult, SegmentationService
 from proxy.timings import Timings
 
 router = APIRouter()
@@ -123,8 +125,13 @@ def amg_params(
     responses={
         **PROBLEM_RESPONSES,
         200: {
-            "content": {"image/png": {}},
-            "description": "JSON; or, with no prompts and `Accept: image/png`, the overlay.",
+            "content": {"image/png": {}, EVENT_STREAM: {}},
+            "description": (
+                "JSON. Without prompts: with `Accept: image/png`, the overlay alone; with "
+                "`Accept: text/event-stream`, server-sent events: `progress` "
+                '({"done": points decoded, "total": points}), then `result` (the JSON body) '
+                "or `error` (a problem document)."
+            ),
         },
     },
     summary="Segment objects given point and box prompts, or everything without prompts",
@@ -147,8 +154,9 @@ async def segment_image(
         Form(
             description=(
                 "JSON list; each item {points: [[x, y], ...], labels: [1|0, ...], "
-                "box: [x0, y0, x1, y1]} in original-image pixels. Several items are several "
-                "objects. Omit to segment everything."
+                "box: [x0, y0, x1, y1], mask_id: from an earlier answer, to refine it} in "
+                "original-image pixels. Several items are several objects. Omit to segment "
+                "everything."
             ),
             examples=[PROMPTS_EXAMPLE],
         ),
@@ -169,7 +177,7 @@ async def segment_image(
         return await segment_everything(
             request, service, embedded, params, output_format, return_overlay, timings
         )
-    parsed = service.parse_prompts(prompts, image.size)  # before any inference
+    parsed = service.parse_prompts(prompts, image)  # before any inference
     embedded = await service.embed(image, timings)
     results = await service.segment(embedded, parsed, multimask_output, output_format, timings)
     height, width = embedded.size
@@ -192,6 +200,15 @@ async def segment_everything(
     return_overlay: bool,
     timings: Timings,
 ) -> EverythingResponse | Response:
+    if wants_event_stream(request):
+
+        async def run(progress: Progress) -> EverythingResponse:
+            result = await service.segment_everything(
+                image, params, output_format, return_overlay, timings, progress
+            )
+            return everything_response(image, result, timings)
+
+        return event_stream_response(run, service.settings.triton_retry_after_s)
     png_only = wants_png(request)
     result = await service.segment_everything(
         image, params, output_format, return_overlay or png_only, timings
@@ -202,6 +219,12 @@ async def segment_everything(
             media_type="image/png",
             headers={"X-Object-Count": str(len(result.records)), "X-Image-Id": image.image_id},
         )
+    return everything_response(image, result, timings)
+
+
+def everything_response(
+    image: EmbeddedImage, result: EverythingResult, timings: Timings
+) -> EverythingResponse:
     height, width = image.size
     return EverythingResponse(
         image_id=image.image_id,

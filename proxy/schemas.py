@@ -23,8 +23,18 @@ class MaskRecord(BaseModel):
     bbox: list[int] = Field(description="[x, y, width, height] in image pixels.")
 
 
+class PromptMaskRecord(MaskRecord):
+    mask_id: str = Field(
+        description=(
+            "Send it back in a prompt item to refine this object with this mask, as "
+            "SamPredictor.predict(mask_input=...) does; kept for a while (LRU)."
+        ),
+        examples=["9c0e5d1f3a7b4c2e8f6a0b1c2d3e4f50"],
+    )
+
+
 class PromptResult(BaseModel):
-    masks: list[MaskRecord] = Field(description="Ranked by predicted IoU, best first.")
+    masks: list[PromptMaskRecord] = Field(description="Ranked by predicted IoU, best first.")
 
 
 class ImageInfo(BaseModel):

@@ -3,7 +3,7 @@
 No HTTP here: the routes parse a request and call these steps in order,
 
     image = await service.open_image(upload, image_id)    # decoded, or found in the cache
-    prompts = service.parse_prompts(raw, image.size)      # rejected before any inference
+    prompts = service.parse_prompts(raw, image)           # rejected before any inference
     embedded = await service.embed(image)                 # the encoder, unless cached
     results = await service.segment(embedded, prompts)    # the decoder, then the records
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -24,20 +24,22 @@ import numpy as np
 from anyio import to_thread
 
 from common.settings import Settings
-from proxy import encodings, geometry, imaging, overlay
+from proxy import encodings, geometry, imaging, overlay, postprocess
 from proxy.cache import CachedImage, EmbeddingCache
-from proxy.errors import DegenerateImage, UnknownImageId
+from proxy.errors import DegenerateImage, PromptError, UnknownImageId, UnknownMaskId
 from proxy.everything.crops import CropJob
 from proxy.everything.masks import LazyMasks, MaskData, to_records
 from proxy.everything.params import AmgParams
-from proxy.everything.pipeline import generate_masks
+from proxy.everything.pipeline import Progress, generate_masks
 from proxy.geometry import Size
+from proxy.mask_store import MaskStore
 from proxy.metrics import ProxyMetrics
 from proxy.prompts import (
     Prompt,
     group_prompts_by_length,
     parse_prompts,
     prompt_to_decoder_arrays,
+    stack_mask_inputs,
     stack_prompts,
 )
 from proxy.records import prompt_records
@@ -52,7 +54,12 @@ class ModelGateway(Protocol):
     async def encode(self, padded_image: np.ndarray, input_size: Size) -> np.ndarray: ...
 
     async def decode(
-        self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
+        self,
+        embedding: np.ndarray,
+        point_coords: np.ndarray,
+        point_labels: np.ndarray,
+        mask_input: np.ndarray | None = None,
+        has_mask_input: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
     async def readiness(self) -> dict[str, bool]: ...
@@ -113,11 +120,13 @@ class SegmentationService:
         gateway: ModelGateway,
         cache: EmbeddingCache,
         metrics: ProxyMetrics,
+        masks: MaskStore | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
         self.cache = cache
         self.metrics = metrics
+        self.masks = masks or MaskStore(settings.mask_cache_bytes)
         self.identity = model_identity(settings)
 
     # --- images and embeddings ---------------------------------------------------------------
@@ -141,10 +150,11 @@ class SegmentationService:
         pixels = await self._decode_pixels(data, timings)
         return OpenedImage(image_id, pixels.shape[:2], None, pixels, data)
 
-    def parse_prompts(self, raw: str, size: Size) -> list[Prompt]:
-        """The request's prompts, validated against the image's size and the limits."""
-        height, width = size
-        return parse_prompts(
+    def parse_prompts(self, raw: str, image: OpenedImage) -> list[Prompt]:
+        """The request's prompts, validated against the image's size and the limits, with the
+        previous masks their `mask_id`s name."""
+        height, width = image.size
+        prompts = parse_prompts(
             raw,
             width=width,
             height=height,
@@ -152,6 +162,25 @@ class SegmentationService:
             max_points=self.settings.max_points_per_prompt,
             coordinate_margin=self.settings.prompt_coordinate_margin * max(width, height),
         )
+        return [
+            replace(prompt, mask_input=self._previous_mask(prompt.mask_id, image, index))
+            if prompt.mask_id is not None
+            else prompt
+            for index, prompt in enumerate(prompts)
+        ]
+
+    def _previous_mask(self, mask_id: str, image: OpenedImage, index: int) -> np.ndarray:
+        where = f"prompts[{index}].mask_id"
+        stored = self.masks.get(mask_id)
+        if stored is None or stored.image_key[0] != self.identity:
+            raise UnknownMaskId(
+                f"{where}: mask {mask_id} is not (or no longer) kept; prompt again without it"
+            )
+        if stored.image_key != self._key(image.image_id):
+            raise PromptError(
+                "mask_image_mismatch", f"mask {mask_id} belongs to another image", where
+            )
+        return stored.logits
 
     async def embed(self, image: OpenedImage, timings: Timings) -> EmbeddedImage:
         """The image's embedding: from the cache, or from one encoder call shared by every
@@ -218,17 +247,24 @@ class SegmentationService:
         side = await self.gateway.image_side()
         wire = [prompt_to_decoder_arrays(p, entry.original_size, side) for p in prompts]
         groups = list(group_prompts_by_length(wire).values())
-        with timings.stage("decoder"):
-            answers = await asyncio.gather(
-                *(
-                    self.gateway.decode(entry.embedding, *stack_prompts(wire, members))
-                    for members in groups
-                )
+
+        async def decode(members: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            coords, labels = stack_prompts(wire, members)
+            mask_input, has_mask_input = stack_mask_inputs(prompts, members)
+            return await self.gateway.decode(
+                entry.embedding, coords, labels, mask_input, has_mask_input
             )
+
+        with timings.stage("decoder"):
+            answers = await asyncio.gather(*(decode(members) for members in groups))
         answer_of: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for members, (masks, iou) in zip(groups, answers, strict=True):
             for row, index in enumerate(members):
                 answer_of[index] = masks[row], iou[row]
+        mask_ids = {
+            index: self._keep_masks(image.image_id, low_res, iou, multimask_output)
+            for index, (low_res, iou) in answer_of.items()
+        }
 
         def records() -> list[list[dict[str, Any]]]:
             return [
@@ -239,12 +275,20 @@ class SegmentationService:
                     side,
                     multimask_output,
                     output_format,
+                    mask_ids[index],
                 )
                 for index in range(len(prompts))
             ]
 
         with timings.stage("postprocess"):
             return await to_thread.run_sync(records)
+
+    def _keep_masks(
+        self, image_id: str, low_res: np.ndarray, iou: np.ndarray, multimask_output: bool
+    ) -> list[str]:
+        """A `mask_id` for each mask of one prompt's answer, its logits kept for refinement."""
+        chosen, _ = postprocess.select_masks(low_res[None], iou[None], multimask_output)
+        return [self.masks.put(self._key(image_id), logits) for logits in chosen[0]]
 
     # --- segment everything -------------------------------------------------------------------
 
@@ -255,11 +299,12 @@ class SegmentationService:
         output_format: encodings.OutputFormat,
         want_overlay: bool,
         timings: Timings,
+        progress: Progress | None = None,
     ) -> EverythingResult:
         """Upstream `SamAutomaticMaskGenerator.generate` with Triton as the model.
 
         The whole-image crop reuses the image's embedding; other crops are encoded (and
-        cached) as images of their own.
+        cached) as images of their own. `progress(done, total)` counts grid points decoded.
         """
         side = await self.gateway.image_side()
         pixels = image.pixels
@@ -267,7 +312,7 @@ class SegmentationService:
         if pixels is None and needs_pixels:
             pixels = await self._decode_pixels(image.entry.source, timings)
         model = _CropModel(self, image, pixels, timings)
-        data = await generate_masks(model, image.size, params, side, timings)
+        data = await generate_masks(model, image.size, params, side, timings, progress)
         with timings.stage("postprocess"):
             records = await to_thread.run_sync(to_records, data, output_format)
         overlay_png = None

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run export triton perf bench bench-quick test test-fast lint format clean
+.PHONY: setup run export triton perf bench bench-quick test test-fast screenshot lint format clean
 
 setup: $(SETUP_STAMP)
 
@@ -44,6 +44,10 @@ test: setup lint
 # The tests that need neither Triton nor a proxy process (under a minute).
 test-fast: setup
 	$(PY) -m pytest -m "not integration"
+
+# The README's picture of the web page: the real stack (test checkpoint) in a real browser.
+screenshot: setup
+	WEB_PAGE_SCREENSHOT=$(CURDIR)/docs/web-page.png $(PY) -m pytest -q tests/test_web_page.py -k readme_screenshot
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -11,6 +11,7 @@ from common.settings import Settings, get_settings
 from proxy.cache import EmbeddingCache
 from proxy.metrics import ProxyMetrics
 from proxy.middleware import BodySizeLimit, RequestMetrics
+from proxy.page import install_page
 from proxy.problems import install_problem_handlers
 from proxy.routes import router
 from proxy.service import ModelGateway, SegmentationService
@@ -22,7 +23,8 @@ FORM_FIELDS_ALLOWANCE_BYTES = 1024 * 1024
 DESCRIPTION = """
 Segment Anything (MobileSAM) on CPU. Upload an image with point and box prompts to
 `POST /segment-image`; the response's `image_id` re-prompts the same image without running
-the encoder again. Errors are `application/problem+json` with a machine-readable `code`.
+the encoder again, and a mask's `mask_id` refines that object. Errors are
+`application/problem+json` with a machine-readable `code`. The web page is at `/`.
 """
 
 
@@ -57,6 +59,7 @@ def create_app(
     app.state.metrics = metrics
     install_problem_handlers(app, settings)
     app.include_router(router)
+    install_page(app)
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes + FORM_FIELDS_ALLOWANCE_BYTES)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees every status
     return app

@@ -12,7 +12,8 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 # libb64-0d: perf_analyzer (tritonclient 2.51.0 wheel) links against it.
 # docker-compose: the static compose checks in tests/test_docker_files.py (no engine here).
-APT_PACKAGES=(libb64-0d docker-compose)
+# chromium: the browser the web page's tests drive (playwright's own download is unreachable).
+APT_PACKAGES=(libb64-0d docker-compose chromium)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -125,6 +125,8 @@ def test_make_run_serves_the_proxy_and_stops_both(model_repository, checkpoint_p
             timeout=60,
         )
         assert response.status_code == 200, response.text
+        page = httpx.get(f"{base_url}/", timeout=10)
+        assert page.status_code == 200 and 'src="/static/app.js"' in page.text, "the web page"
 
         runner.send_signal(signal.SIGTERM)
         assert runner.wait(timeout=60) == 0, log_path.read_text()

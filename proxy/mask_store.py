@@ -2,8 +2,8 @@
 
 Upstream refines by feeding the chosen candidate's 256x256 logits back to the decoder
 (`SamPredictor.predict(mask_input=...)`). Those are 256 KiB of float32 per mask, so instead of
-sending them to the client and back, the proxy keeps each answer's logits under a random
-`mask_id` that a later prompt names. The store is an LRU bounded by bytes; a handle is valid
+sending them to the client and back, the proxy keeps each answer's logits under a `mask_id`
+that a later prompt names. The store is an LRU bounded by bytes; a handle is valid
 only for the image (and model) it was computed on.
 
 A handle is a hash of the image's key and the logits themselves: the same answer gets the
@@ -31,8 +31,20 @@ def is_mask_id(text: str) -> bool:
 
 @dataclass(frozen=True)
 class StoredMask:
+    mask_id: str
     image_key: ImageKey
     logits: np.ndarray  # [256, 256] float32, the decoder's low-resolution logits
+
+    @classmethod
+    def of(cls, image_key: ImageKey, logits: np.ndarray) -> StoredMask:
+        """A copy of `logits` (never a view that would pin the whole decoder answer) under
+        its id. Pure, so a worker thread can hash while the event loop serves."""
+        logits = np.array(logits, dtype=np.float32, copy=True)
+        digest = hashlib.blake2b(digest_size=MASK_ID_BYTES)
+        for part in image_key:
+            digest.update(part.encode() + b"\0")
+        digest.update(logits.tobytes())
+        return cls(digest.hexdigest(), image_key, logits)
 
 
 class MaskStore:
@@ -45,22 +57,18 @@ class MaskStore:
         return len(self._masks)
 
     def put(self, image_key: ImageKey, logits: np.ndarray) -> str:
-        """Keep a copy of `logits` (never a view that would pin the whole decoder answer)."""
-        logits = np.array(logits, dtype=np.float32, copy=True)
-        digest = hashlib.blake2b(digest_size=MASK_ID_BYTES)
-        for part in image_key:
-            digest.update(part.encode() + b"\0")
-        digest.update(logits.tobytes())
-        mask_id = digest.hexdigest()
-        if mask_id in self._masks:
-            self._masks.move_to_end(mask_id)
-            return mask_id
-        self._masks[mask_id] = StoredMask(image_key, logits)
-        self.used_bytes += logits.nbytes
+        return self.add(StoredMask.of(image_key, logits))
+
+    def add(self, mask: StoredMask) -> str:
+        if mask.mask_id in self._masks:
+            self._masks.move_to_end(mask.mask_id)
+            return mask.mask_id
+        self._masks[mask.mask_id] = mask
+        self.used_bytes += mask.logits.nbytes
         while self.used_bytes > self.budget_bytes and self._masks:
             _, evicted = self._masks.popitem(last=False)
             self.used_bytes -= evicted.logits.nbytes
-        return mask_id
+        return mask.mask_id
 
     def get(self, mask_id: str) -> StoredMask | None:
         """The stored mask, now the most recently used; None if never given out or evicted."""

@@ -32,7 +32,7 @@ from proxy.everything.masks import LazyMasks, MaskData, to_records
 from proxy.everything.params import AmgParams
 from proxy.everything.pipeline import Progress, generate_masks
 from proxy.geometry import Size
-from proxy.mask_store import MaskStore
+from proxy.mask_store import MaskStore, StoredMask
 from proxy.metrics import ProxyMetrics
 from proxy.prompts import (
     Prompt,
@@ -126,7 +126,7 @@ class SegmentationService:
         self.gateway = gateway
         self.cache = cache
         self.metrics = metrics
-        self.masks = masks or MaskStore(settings.mask_cache_bytes)
+        self.masks = masks if masks is not None else MaskStore(settings.mask_cache_bytes)
         self.identity = model_identity(settings)
 
     # --- images and embeddings ---------------------------------------------------------------
@@ -261,34 +261,35 @@ class SegmentationService:
         for members, (masks, iou) in zip(groups, answers, strict=True):
             for row, index in enumerate(members):
                 answer_of[index] = masks[row], iou[row]
-        mask_ids = {
-            index: self._keep_masks(image.image_id, low_res, iou, multimask_output)
-            for index, (low_res, iou) in answer_of.items()
-        }
+        image_key = self._key(image.image_id)
 
-        def records() -> list[list[dict[str, Any]]]:
-            return [
-                prompt_records(
-                    *answer_of[index],
-                    entry.input_size,
-                    entry.original_size,
-                    side,
-                    multimask_output,
-                    output_format,
-                    mask_ids[index],
+        def records() -> tuple[list[list[dict[str, Any]]], list[StoredMask]]:
+            results, kept = [], []
+            for index in range(len(prompts)):
+                low_res, iou = answer_of[index]
+                # Each mask's logits, kept under its mask_id for refinement.
+                chosen, _ = postprocess.select_masks(low_res[None], iou[None], multimask_output)
+                masks = [StoredMask.of(image_key, logits) for logits in chosen[0]]
+                kept += masks
+                results.append(
+                    prompt_records(
+                        low_res,
+                        iou,
+                        entry.input_size,
+                        entry.original_size,
+                        side,
+                        multimask_output,
+                        output_format,
+                        [mask.mask_id for mask in masks],
+                    )
                 )
-                for index in range(len(prompts))
-            ]
+            return results, kept
 
         with timings.stage("postprocess"):
-            return await to_thread.run_sync(records)
-
-    def _keep_masks(
-        self, image_id: str, low_res: np.ndarray, iou: np.ndarray, multimask_output: bool
-    ) -> list[str]:
-        """A `mask_id` for each mask of one prompt's answer, its logits kept for refinement."""
-        chosen, _ = postprocess.select_masks(low_res[None], iou[None], multimask_output)
-        return [self.masks.put(self._key(image_id), logits) for logits in chosen[0]]
+            results, kept = await to_thread.run_sync(records)
+        for mask in kept:
+            self.masks.add(mask)
+        return results
 
     # --- segment everything -------------------------------------------------------------------
 

@@ -138,6 +138,7 @@ function showImage(file, width, height, bitmap, embedding) {
     usable: false, // the server has its embedding
     failed: false, // the server refused it
   };
+  state.image.ready.catch(() => {}); // loadFile reports a refusal; requests see it too
   state.objects = [];
   state.current = null;
   state.undo = [];

@@ -278,6 +278,19 @@ def test_a_text_file_shows_the_apis_message(desktop, http: httpx.Client) -> None
     console.assert_clean(expected=("status of 415",))
 
 
+def test_an_image_the_api_refuses_is_shown_with_the_apis_message(desktop, http) -> None:
+    """A GIF: the browser can show it, the service does not take it."""
+    page, console = desktop
+    buffer = io.BytesIO()
+    Image.fromarray(PHOTO.rgb()).save(buffer, "GIF")
+    upload(page, "#file-input", "cat.gif", buffer.getvalue())
+    expected = http.post("/embed-image", files={"file": ("cat.gif", buffer.getvalue())}).json()
+    expect(page.locator("#error")).to_contain_text(expected["detail"])
+    expect(page.locator("#canvas-wrap")).to_be_visible()
+    expect(page.locator("#everything")).to_be_disabled()
+    console.assert_clean(expected=("status of 415",))
+
+
 # --- sizes --------------------------------------------------------------------------------
 
 

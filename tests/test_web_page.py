@@ -32,7 +32,7 @@ from testkit.photos import Photo, photos
 from .standins import StandInGateway
 
 PHOTO = next(photo for photo in photos() if photo.name == "landscape-png")
-PHOTO_SIZE = (451, 300)
+PHOTO_SIZE = PHOTO.rgb().shape[1::-1]  # (width, height): 451 x 300
 # Segment-everything settings that keep many masks with the random-weight test model (see
 # test_everything.py), on a small grid: 16 points in two decoder batches.
 EVERYTHING = {
@@ -243,7 +243,8 @@ def test_segment_everything_shows_the_apis_count_and_downloads_its_masks(
     with page.expect_download() as download:
         page.click("#download-coco")
     coco = json.loads(Path(download.value.path()).read_text())
-    assert coco["images"] == [{"id": 1, "file_name": PHOTO.name, "width": 451, "height": 300}]
+    width, height = PHOTO_SIZE
+    assert coco["images"] == [{"id": 1, "file_name": PHOTO.name, "width": width, "height": height}]
     annotations = coco["annotations"]
     assert [a["segmentation"] for a in annotations] == [r["segmentation"] for r in api["masks"]]
     assert [a["bbox"] for a in annotations] == [r["bbox"] for r in api["masks"]]
@@ -303,7 +304,7 @@ def test_usable_at_desktop_and_phone_sizes(browser: Browser, proxy, device: dict
         assert page.evaluate("document.documentElement.scrollWidth") <= width, "scrolls sideways"
         image = page.locator("#marks").bounding_box()
         assert image is not None and image["x"] >= 0 and image["x"] + image["width"] <= width
-        assert image["width"] >= 0.8 * min(width, 451), "the image is shown large enough"
+        assert image["width"] >= 0.8 * min(width, PHOTO_SIZE[0]), "the image is shown large enough"
         for control in ("#mode-remove + span", "#undo", "#everything", "#download-coco"):
             target = page.locator(control)
             target.scroll_into_view_if_needed()

@@ -66,6 +66,33 @@ class Settings(BaseSettings):
         default=512 * 1024 * 1024, description="LRU budget; one embedding is 4 MiB."
     )
 
+    # --- bounded work per request ---------------------------------------------------------
+    request_timeout_s: float = Field(
+        default=300.0, description="Overall deadline of a request; past it, 504 and no more work."
+    )
+    max_everything_prompts: int = Field(
+        default=5120,
+        description="Decoder prompts one segment-everything request may ask for (grid points "
+        "x crops): upstream's defaults are 1024, with one crop layer 5120.",
+    )
+    max_image_bytes_in_flight: int = Field(
+        default=512 * 1024 * 1024,
+        description="Uploaded and decoded image bytes (3 per pixel) the proxy holds at once "
+        "across requests; a request that would exceed it waits up to admission_wait_s, then 503.",
+    )
+    max_everything_in_flight: int = Field(
+        default=2, description="Segment-everything requests running at once; more wait, then 503."
+    )
+    max_requests_in_flight: int = Field(
+        default=64, description="Requests in the proxy at once; past it, 503 at once."
+    )
+    admission_wait_s: float = Field(
+        default=2.0, description="How long a request may wait for room before 503."
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+
     @property
     def triton_http_url(self) -> str:
         return f"{self.triton_host}:{self.triton_http_port}"

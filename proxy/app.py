@@ -8,9 +8,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from common.settings import Settings, get_settings
+from proxy.admission import Admission
 from proxy.cache import EmbeddingCache
 from proxy.metrics import ProxyMetrics
-from proxy.middleware import BodySizeLimit, RequestMetrics
+from proxy.middleware import BodySizeLimit, RequestGuard, RequestMetrics
 from proxy.problems import install_problem_handlers
 from proxy.routes import router
 from proxy.service import ModelGateway, SegmentationService
@@ -41,7 +42,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = gateway_factory(settings, metrics)
         cache = EmbeddingCache(settings.embedding_cache_bytes)
-        app.state.service = SegmentationService(settings, gateway, cache, metrics)
+        admission = Admission(settings, metrics)
+        app.state.service = SegmentationService(settings, gateway, cache, metrics, admission)
         try:
             yield
         finally:
@@ -58,5 +60,6 @@ def create_app(
     install_problem_handlers(app, settings)
     app.include_router(router)
     app.add_middleware(BodySizeLimit, limit=settings.max_upload_bytes + FORM_FIELDS_ALLOWANCE_BYTES)
+    app.add_middleware(RequestGuard, settings=settings, metrics=metrics)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees every status
     return app

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
@@ -49,12 +51,33 @@ Service = Annotated[SegmentationService, Depends(get_service)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
 
 
-async def read_upload(file: UploadFile | None, image_id: str | None, limit: int) -> bytes | None:
-    """The uploaded bytes, or None when an image_id is given instead; exactly one is allowed."""
+async def request_scope() -> AsyncIterator[AsyncExitStack]:
+    """What a request holds (its share of the admission budgets), released when it is done."""
+    async with AsyncExitStack() as scope:
+        yield scope
+
+
+Scope = Annotated[AsyncExitStack, Depends(request_scope)]
+
+
+async def read_upload(
+    file: UploadFile | None,
+    image_id: str | None,
+    limit: int,
+    service: SegmentationService,
+    scope: AsyncExitStack,
+) -> bytes | None:
+    """The uploaded bytes, or None when an image_id is given instead; exactly one is allowed.
+
+    The multipart parser has spooled the file to disk; it is read into memory once admitted.
+    """
     if (file is None) == (image_id is None):
         raise ImageRequired("send exactly one of `file` (an image) or `image_id`")
     if file is None:
         return None
+    if file.size is not None and file.size > limit:
+        raise PayloadTooLarge(f"file is over the limit of {limit} bytes", limit_bytes=limit)
+    await service.admit_upload(min(file.size or limit, limit), scope)
     data = await file.read(limit + 1)
     if len(data) > limit:
         raise PayloadTooLarge(f"file is over the limit of {limit} bytes", limit_bytes=limit)
@@ -70,11 +93,12 @@ async def read_upload(file: UploadFile | None, image_id: str | None, limit: int)
 async def embed_image(
     service: Service,
     settings: AppSettings,
+    scope: Scope,
     file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP or TIFF")],
 ) -> EmbedResponse:
     timings = Timings()
-    data = await read_upload(file, None, settings.max_upload_bytes)
-    image = await service.embed(await service.open_image(data, None, timings), timings)
+    data = await read_upload(file, None, settings.max_upload_bytes, service, scope)
+    image = await service.embed(await service.open_image(data, None, timings, scope), timings)
     height, width = image.size
     return EmbedResponse(
         image_id=image.image_id,
@@ -133,6 +157,7 @@ async def segment_image(
     request: Request,
     service: Service,
     settings: AppSettings,
+    scope: Scope,
     params: Annotated[AmgParams, Depends(amg_params)],
     file: Annotated[UploadFile | None, File(description="JPEG, PNG, WebP, BMP or TIFF")] = None,
     image_id: Annotated[
@@ -162,9 +187,12 @@ async def segment_image(
     ] = False,
 ) -> SegmentResponse | EverythingResponse | Response:
     timings = Timings()
-    data = await read_upload(file, image_id, settings.max_upload_bytes)
-    image = await service.open_image(data, image_id, timings)  # decoded: its size is known
-    if prompts is None or not prompts.strip():
+    everything = prompts is None or not prompts.strip()
+    if everything:
+        service.check_everything_cost(params)  # before anything is read or decoded
+    data = await read_upload(file, image_id, settings.max_upload_bytes, service, scope)
+    image = await service.open_image(data, image_id, timings, scope)  # its size is now known
+    if everything:
         embedded = await service.embed(image, timings)
         return await segment_everything(
             request, service, embedded, params, output_format, return_overlay, timings

@@ -7,8 +7,12 @@ No HTTP here: the routes parse a request and call these steps in order,
     embedded = await service.embed(image)                 # the encoder, unless cached
     results = await service.segment(embedded, prompts)    # the decoder, then the records
 
-or `segment_everything(embedded, params)` instead of the last two. CPU-heavy steps (decoding,
-resizing, post-processing) run in worker threads so that the event loop keeps serving.
+or `segment_everything(embedded, params)` instead of the last two, once
+`check_everything_cost(params)` has passed. Memory is admitted before it is used (see
+`proxy.admission`): the upload's bytes before reading it, its decoded size from the header
+before decoding; a request holds them in its `scope` until it is done. CPU-heavy steps
+(decoding, resizing, post-processing) run in worker threads so that the event loop keeps
+serving.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -25,8 +30,9 @@ from anyio import to_thread
 
 from common.settings import Settings
 from proxy import encodings, geometry, imaging, overlay
+from proxy.admission import Admission
 from proxy.cache import CachedImage, EmbeddingCache
-from proxy.errors import DegenerateImage, UnknownImageId
+from proxy.errors import DegenerateImage, TooMuchWork, UnknownImageId
 from proxy.everything.crops import CropJob
 from proxy.everything.masks import LazyMasks, MaskData, to_records
 from proxy.everything.params import AmgParams
@@ -106,6 +112,11 @@ def image_id_for(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# Memory while Pillow decodes an image into our RGB array: Pillow holds RGB as 4 bytes per
+# pixel, the array 3 more, plus the codec's buffers (measured 9.5 for a 12 MP JPEG).
+DECODE_PEAK_BYTES_PER_PIXEL = 10
+
+
 class SegmentationService:
     def __init__(
         self,
@@ -113,17 +124,23 @@ class SegmentationService:
         gateway: ModelGateway,
         cache: EmbeddingCache,
         metrics: ProxyMetrics,
+        admission: Admission | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
         self.cache = cache
         self.metrics = metrics
+        self.admission = admission or Admission(settings, metrics)
         self.identity = model_identity(settings)
 
     # --- images and embeddings ---------------------------------------------------------------
 
+    async def admit_upload(self, nbytes: int, scope: AsyncExitStack) -> None:
+        """Room for an upload of `nbytes`, held until the request is done."""
+        await scope.enter_async_context(self.admission.image(nbytes))
+
     async def open_image(
-        self, data: bytes | None, image_id: str | None, timings: Timings
+        self, data: bytes | None, image_id: str | None, timings: Timings, scope: AsyncExitStack
     ) -> OpenedImage:
         """An upload (decoded unless its embedding is cached) or an earlier image_id."""
         if data is None:
@@ -138,7 +155,10 @@ class SegmentationService:
         entry = self.cache.get(self._key(image_id))
         if entry is not None:
             return OpenedImage(image_id, entry.original_size, entry)
-        pixels = await self._decode_pixels(data, timings)
+        width, height = imaging.image_size(
+            data, max_pixels=self.settings.max_image_pixels, max_side=self.settings.max_image_side
+        )
+        pixels = await self._decode_admitted(data, (height, width), timings, scope)
         return OpenedImage(image_id, pixels.shape[:2], None, pixels, data)
 
     def parse_prompts(self, raw: str, size: Size) -> list[Prompt]:
@@ -172,6 +192,18 @@ class SegmentationService:
 
     def _key(self, image_id: str) -> tuple[str, str]:
         return self.identity, image_id
+
+    async def _decode_admitted(
+        self, data: bytes, size: Size, timings: Timings, scope: AsyncExitStack
+    ) -> np.ndarray:
+        """Decode once there is room for the decoder's peak; then hold what the pixels keep."""
+        height, width = size
+        reservation = await scope.enter_async_context(
+            self.admission.image(DECODE_PEAK_BYTES_PER_PIXEL * height * width)
+        )
+        pixels = await self._decode_pixels(data, timings)
+        reservation.shrink(pixels.nbytes)
+        return pixels
 
     async def _decode_pixels(self, data: bytes, timings: Timings) -> np.ndarray:
         with timings.stage("decode_image"):
@@ -248,6 +280,17 @@ class SegmentationService:
 
     # --- segment everything -------------------------------------------------------------------
 
+    def check_everything_cost(self, params: AmgParams) -> None:
+        """Refuse a run whose decoder prompts (grid points x crops) are over the limit."""
+        prompts, limit = params.decoder_prompts(), self.settings.max_everything_prompts
+        if prompts > limit:
+            raise TooMuchWork(
+                f"these settings ask the decoder for {prompts} prompts (grid points x crops); "
+                f"the limit is {limit}: lower points_per_side or crop_n_layers",
+                prompts=prompts,
+                limit=limit,
+            )
+
     async def segment_everything(
         self,
         image: EmbeddedImage,
@@ -261,21 +304,23 @@ class SegmentationService:
         The whole-image crop reuses the image's embedding; other crops are encoded (and
         cached) as images of their own.
         """
+        self.check_everything_cost(params)
         side = await self.gateway.image_side()
-        pixels = image.pixels
-        needs_pixels = want_overlay or params.crop_n_layers > 0
-        if pixels is None and needs_pixels:
-            pixels = await self._decode_pixels(image.entry.source, timings)
-        model = _CropModel(self, image, pixels, timings)
-        data = await generate_masks(model, image.size, params, side, timings)
-        with timings.stage("postprocess"):
-            records = await to_thread.run_sync(to_records, data, output_format)
-        overlay_png = None
-        if want_overlay:
-            with timings.stage("overlay"):
-                overlay_png = await to_thread.run_sync(
-                    overlay.overlay_png, pixels, LazyMasks(data), data.areas()
-                )
+        async with AsyncExitStack() as scope:
+            await scope.enter_async_context(self.admission.everything_run())
+            pixels = image.pixels
+            if pixels is None and (want_overlay or params.crop_n_layers > 0):
+                pixels = await self._decode_admitted(image.entry.source, image.size, timings, scope)
+            model = _CropModel(self, image, pixels, timings)
+            data = await generate_masks(model, image.size, params, side, timings)
+            with timings.stage("postprocess"):
+                records = await to_thread.run_sync(to_records, data, output_format)
+            overlay_png = None
+            if want_overlay:
+                with timings.stage("overlay"):
+                    overlay_png = await to_thread.run_sync(
+                        overlay.overlay_png, pixels, LazyMasks(data), data.areas()
+                    )
         return EverythingResult(data, records, overlay_png)
 
 

@@ -132,9 +132,21 @@ class RequestGuard:
                     "its remaining work was dropped",
                     limit_s=self.settings.request_timeout_s,
                 )
-        except asyncio.CancelledError:  # the server itself is stopping this request
+        except asyncio.CancelledError:
+            # The server is shutting down and its drain time (DRAIN_TIMEOUT_S) is over: the
+            # request's work stops, and its client hears so, rather than a bare 500.
             work.cancel()
-            raise
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            self._abandoned(scope, "shutdown")
+            if not response["started"] and not client_gone.is_set():
+                await send_problem(
+                    send,
+                    503,
+                    "shutting_down",
+                    "the proxy is shutting down; retry (another replica may answer)",
+                    {"Retry-After": str(self.settings.triton_retry_after_s)},
+                )
         finally:
             watcher.cancel()
 

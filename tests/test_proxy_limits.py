@@ -221,6 +221,25 @@ def test_past_the_requests_in_flight_limit_the_answer_is_503_at_once() -> None:
     assert events == ["answered"]  # only the first one ran
 
 
+def test_a_request_cut_short_by_shutdown_is_told_so() -> None:
+    """Past the drain time the server cancels what is left: a 503 to retry, not a bare 500."""
+
+    async def scenario() -> tuple[Exchange, list[str]]:
+        events: list[str] = []
+        middleware, metrics = guard(slow_app(events))
+        exchange = Exchange()
+        request = asyncio.ensure_future(middleware(SCOPE, exchange.receive, exchange.send))
+        await asyncio.sleep(0.05)
+        request.cancel()  # what uvicorn does once timeout_graceful_shutdown is over
+        await request
+        assert abandoned(metrics, "shutdown") == 1
+        return exchange, events
+
+    exchange, events = asyncio.run(scenario())
+    assert events == ["cancelled"]
+    assert exchange.status() == 503 and exchange.body()["code"] == "shutting_down"
+
+
 def test_probes_are_never_limited() -> None:
     events: list[str] = []
     middleware, _ = guard(slow_app(events, work_s=0.01), max_requests_in_flight=0)

@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         default=30.0, description="On SIGTERM, how long in-flight requests may finish."
     )
+    malloc_arenas: int = Field(
+        default=2, description="glibc malloc arenas of the proxy (0: glibc's default, 8 a core)."
+    )
+    trim_memory: bool = Field(
+        default=True,
+        description="Give freed memory back to the system after a burst of large images.",
+    )
 
     @property
     def triton_http_url(self) -> str:

@@ -8,14 +8,13 @@ from common.settings import get_settings
 from proxy.allocator import limit_arenas
 from proxy.app import create_app
 
-# glibc gives each thread that allocates its own arena, and freed image memory stays in them;
-# two arenas keep the worker threads' decodes from pinning memory eight times over.
-MALLOC_ARENAS = 2
-
 
 def main() -> None:
-    limit_arenas(MALLOC_ARENAS)
     settings = get_settings()
+    # glibc gives threads that allocate arenas of their own (up to 8 a core), and freed image
+    # memory stays in them; a couple keep the worker threads' decodes from pinning it.
+    if settings.malloc_arenas > 0:
+        limit_arenas(settings.malloc_arenas)
     uvicorn.run(
         create_app(settings),
         host=settings.proxy_host,

@@ -115,6 +115,7 @@ class Admission:
 
     def __init__(self, settings: Settings, metrics: ProxyMetrics) -> None:
         self.wait_s = settings.admission_wait_s
+        self.trim_memory = settings.trim_memory
         self.image_bytes = Budget(
             "image bytes",
             settings.max_image_bytes_in_flight,
@@ -133,7 +134,7 @@ class Admission:
         free memory goes back to the system."""
         async with self._counted(self.image_bytes, nbytes, "image_bytes") as reservation:
             yield reservation
-        if nbytes >= TRIM_AFTER_BYTES and self.image_bytes.used == 0:
+        if self.trim_memory and nbytes >= TRIM_AFTER_BYTES and self.image_bytes.used == 0:
             await to_thread.run_sync(release_free_memory)
 
     def everything_run(self):

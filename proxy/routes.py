@@ -18,7 +18,7 @@ from proxy.everything.params import AmgParams
 from proxy.metrics import ProxyMetrics
 from proxy.problems import problem_response
 from proxy.schemas import EmbedResponse, EverythingResponse, SegmentResponse
-from proxy.service import EmbeddedImage, SegmentationService
+from proxy.service import EmbeddedImage, SegmentationService, Work
 from proxy.timings import Timings
 
 router = APIRouter()
@@ -103,7 +103,8 @@ async def embed_image(
 ) -> EmbedResponse:
     timings = Timings()
     data = await read_upload(file, None, settings.max_upload_bytes, service, scope)
-    image = await service.embed(await service.open_image(data, None, timings, scope), timings)
+    opened = await service.open_image(data, None, Work.EMBED, timings, scope)
+    image = await service.embed(opened, timings)
     height, width = image.size
     return EmbedResponse(
         image_id=image.image_id,
@@ -225,8 +226,10 @@ async def segment_image(
     everything = prompts is None or not prompts.strip()
     if everything:
         service.check_everything_cost(params)  # before anything is read or decoded
+        await service.admit_everything(scope)
     data = await read_upload(file, image_id, settings.max_upload_bytes, service, scope)
-    image = await service.open_image(data, image_id, timings, scope)  # its size is now known
+    work = Work.EVERYTHING if everything else Work.PROMPTS
+    image = await service.open_image(data, image_id, work, timings, scope)  # size now known
     if everything:
         embedded = await service.embed(image, timings)
         return await segment_everything(

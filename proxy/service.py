@@ -8,9 +8,11 @@ No HTTP here: the routes parse a request and call these steps in order,
     results = await service.segment(embedded, prompts)    # the decoder, then the records
 
 or `segment_everything(embedded, params)` instead of the last two, once
-`check_everything_cost(params)` has passed. Memory is admitted before it is used (see
-`proxy.admission`): the upload's bytes before reading it, its decoded size from the header
-before decoding; a request holds them in its `scope` until it is done. CPU-heavy steps
+`check_everything_cost(params)` has passed and `admit_everything` has given it a place.
+
+Memory is admitted before it is used (`proxy.admission`): the upload's bytes before it is
+read, the decoder's peak from the header before decoding, then what the request's `Work`
+holds per pixel; a request keeps its share in its `scope` until it is done. CPU-heavy steps
 (decoding, resizing, post-processing) run in worker threads so that the event loop keeps
 serving.
 """
@@ -22,7 +24,7 @@ import hashlib
 import json
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from functools import partial
+from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,7 +32,8 @@ from anyio import to_thread
 
 from common.settings import Settings
 from proxy import encodings, geometry, imaging, overlay
-from proxy.admission import Admission
+from proxy.admission import Admission, Reservation
+from proxy.allocator import release_free_memory
 from proxy.cache import CachedImage, EmbeddingCache
 from proxy.errors import DegenerateImage, TooMuchWork, UnknownImageId
 from proxy.everything.crops import CropJob
@@ -113,8 +116,19 @@ def image_id_for(data: bytes) -> str:
 
 
 # Memory while Pillow decodes an image into our RGB array: Pillow holds RGB as 4 bytes per
-# pixel, the array 3 more, plus the codec's buffers (measured 9.5 for a 12 MP JPEG).
+# pixel, the array 3 more, plus the codec's buffers (measured 9.1 for 12 and 40 MP JPEGs).
 DECODE_PEAK_BYTES_PER_PIXEL = 10
+# Freed decoder memory goes back to the system at once for images this large.
+TRIM_AFTER_PIXELS = 4_000_000
+
+
+class Work(Enum):
+    """What a request does with its image, and the memory that takes, in bytes per pixel of
+    the image, once it is decoded (measured in RELIABILITY.md)."""
+
+    EMBED = 3  # the decoded pixels, until they are encoded
+    PROMPTS = 8  # then one mask at a time: float logits (4), the mask (1), its encoding
+    EVERYTHING = 10  # the pixels for crops and overlay (3), one mask's planes (5), the overlay
 
 
 class SegmentationService:
@@ -140,9 +154,15 @@ class SegmentationService:
         await scope.enter_async_context(self.admission.image(nbytes))
 
     async def open_image(
-        self, data: bytes | None, image_id: str | None, timings: Timings, scope: AsyncExitStack
+        self,
+        data: bytes | None,
+        image_id: str | None,
+        work: Work,
+        timings: Timings,
+        scope: AsyncExitStack,
     ) -> OpenedImage:
-        """An upload (decoded unless its embedding is cached) or an earlier image_id."""
+        """An upload (decoded unless its embedding is cached) or an earlier image_id, once the
+        memory `work` takes on it is admitted."""
         if data is None:
             entry = self.cache.get(self._key(image_id))
             if entry is None:
@@ -150,16 +170,26 @@ class SegmentationService:
                 raise UnknownImageId(
                     f"image_id {image_id} is not (or no longer) cached; upload the file again"
                 )
-            return OpenedImage(image_id, entry.original_size, entry)
-        image_id = image_id_for(data)
-        entry = self.cache.get(self._key(image_id))
+        else:
+            image_id = image_id_for(data)
+            entry = self.cache.get(self._key(image_id))
         if entry is not None:
+            await self._admit(scope, work.value, entry.original_size)
             return OpenedImage(image_id, entry.original_size, entry)
         width, height = imaging.image_size(
             data, max_pixels=self.settings.max_image_pixels, max_side=self.settings.max_image_side
         )
-        pixels = await self._decode_admitted(data, (height, width), timings, scope)
+        peak = max(DECODE_PEAK_BYTES_PER_PIXEL, work.value)
+        reservation = await self._admit(scope, peak, (height, width))
+        pixels = await self._decode_pixels(data, timings)
+        reservation.shrink(work.value * height * width)
         return OpenedImage(image_id, pixels.shape[:2], None, pixels, data)
+
+    async def _admit(self, scope: AsyncExitStack, bytes_per_pixel: int, size: Size) -> Reservation:
+        height, width = size
+        return await scope.enter_async_context(
+            self.admission.image(bytes_per_pixel * height * width)
+        )
 
     def parse_prompts(self, raw: str, size: Size) -> list[Prompt]:
         """The request's prompts, validated against the image's size and the limits."""
@@ -193,28 +223,20 @@ class SegmentationService:
     def _key(self, image_id: str) -> tuple[str, str]:
         return self.identity, image_id
 
-    async def _decode_admitted(
-        self, data: bytes, size: Size, timings: Timings, scope: AsyncExitStack
-    ) -> np.ndarray:
-        """Decode once there is room for the decoder's peak; then hold what the pixels keep."""
-        height, width = size
-        reservation = await scope.enter_async_context(
-            self.admission.image(DECODE_PEAK_BYTES_PER_PIXEL * height * width)
-        )
-        pixels = await self._decode_pixels(data, timings)
-        reservation.shrink(pixels.nbytes)
-        return pixels
-
     async def _decode_pixels(self, data: bytes, timings: Timings) -> np.ndarray:
-        with timings.stage("decode_image"):
-            return await to_thread.run_sync(
-                partial(
-                    imaging.decode_image,
-                    data,
-                    max_pixels=self.settings.max_image_pixels,
-                    max_side=self.settings.max_image_side,
-                )
+        def decode() -> np.ndarray:
+            pixels = imaging.decode_image(
+                data,
+                max_pixels=self.settings.max_image_pixels,
+                max_side=self.settings.max_image_side,
             )
+            # The decoder's buffers (~6 bytes a pixel) stay in glibc's arenas otherwise.
+            if self.settings.trim_memory and pixels.shape[0] * pixels.shape[1] >= TRIM_AFTER_PIXELS:
+                release_free_memory()
+            return pixels
+
+        with timings.stage("decode_image"):
+            return await to_thread.run_sync(decode)
 
     async def _encode_pixels(
         self, image: np.ndarray, timings: Timings, source: bytes = b""
@@ -280,6 +302,10 @@ class SegmentationService:
 
     # --- segment everything -------------------------------------------------------------------
 
+    async def admit_everything(self, scope: AsyncExitStack) -> None:
+        """A place among the segment-everything runs in flight, held until the request ends."""
+        await scope.enter_async_context(self.admission.everything_run())
+
     def check_everything_cost(self, params: AmgParams) -> None:
         """Refuse a run whose decoder prompts (grid points x crops) are over the limit."""
         prompts, limit = params.decoder_prompts(), self.settings.max_everything_prompts
@@ -306,21 +332,20 @@ class SegmentationService:
         """
         self.check_everything_cost(params)
         side = await self.gateway.image_side()
-        async with AsyncExitStack() as scope:
-            await scope.enter_async_context(self.admission.everything_run())
-            pixels = image.pixels
-            if pixels is None and (want_overlay or params.crop_n_layers > 0):
-                pixels = await self._decode_admitted(image.entry.source, image.size, timings, scope)
-            model = _CropModel(self, image, pixels, timings)
-            data = await generate_masks(model, image.size, params, side, timings)
-            with timings.stage("postprocess"):
-                records = await to_thread.run_sync(to_records, data, output_format)
-            overlay_png = None
-            if want_overlay:
-                with timings.stage("overlay"):
-                    overlay_png = await to_thread.run_sync(
-                        overlay.overlay_png, pixels, LazyMasks(data), data.areas()
-                    )
+        pixels = image.pixels
+        if pixels is None and (want_overlay or params.crop_n_layers > 0):
+            # Decoded again from the kept upload: room for it came with Work.EVERYTHING.
+            pixels = await self._decode_pixels(image.entry.source, timings)
+        model = _CropModel(self, image, pixels, timings)
+        data = await generate_masks(model, image.size, params, side, timings)
+        with timings.stage("postprocess"):
+            records = await to_thread.run_sync(to_records, data, output_format)
+        overlay_png = None
+        if want_overlay:
+            with timings.stage("overlay"):
+                overlay_png = await to_thread.run_sync(
+                    overlay.overlay_png, pixels, LazyMasks(data), data.areas()
+                )
         return EverythingResult(data, records, overlay_png)
 
 

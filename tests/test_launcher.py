@@ -26,6 +26,7 @@ from serving.processes import (
     process_group_members,
 )
 from testkit.ports import free_port
+from testkit.processes import LaunchedStack, cmdline
 
 from .test_proxy_api import POINT, png_bytes
 
@@ -44,10 +45,10 @@ def _kill(launcher: subprocess.Popen, triton_http_port: int | str) -> None:
     if launcher.poll() is not None:
         return
     flag = f"--http-port={triton_http_port}".encode()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for command in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
-            if flag in cmdline.read_bytes().split(b"\0"):
-                kill_process_group(int(cmdline.parent.name))
+            if flag in command.read_bytes().split(b"\0"):
+                kill_process_group(int(command.parent.name))
     for entry in Path("/proc").glob("[0-9]*"):
         fields = proc_stat(int(entry.name))
         if fields and int(fields[1]) == launcher.pid:  # a child of the launcher
@@ -94,92 +95,30 @@ def test_launcher_serves_and_stops_cleanly(
         _kill(launcher, ports["HTTP"])
 
 
-class Launched:
-    """`python -m serving` (what `make run` runs) on free ports, ready to serve."""
-
-    def __init__(self, model_repository: Path, checkpoint_path: Path, log_path: Path) -> None:
-        self.ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS", "PROXY")}
-        env = dict(
-            os.environ,
-            MODEL_REPOSITORY=str(model_repository),
-            MOBILESAM_CHECKPOINT=str(checkpoint_path),
-            PROXY_PORT=str(self.ports["PROXY"]),
-            DRAIN_TIMEOUT_S="20",
-            **{
-                f"TRITON_{name}_PORT": str(self.ports[name]) for name in ("HTTP", "GRPC", "METRICS")
-            },
-        )
-        self.log_path = log_path
-        self.runner = subprocess.Popen(
-            [sys.executable, "-m", "serving"],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=log_path.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        self.base_url = f"http://127.0.0.1:{self.ports['PROXY']}"
-        self.wait_until_ready()
-
-    def wait_until_ready(self, timeout_s: float = 180) -> float:
-        """Seconds until the proxy's /readyz answered 200."""
-        started = time.monotonic()
-        while True:
-            assert self.runner.poll() is None, self.log_path.read_text()
-            assert time.monotonic() - started < timeout_s, "never ready: " + self.log_tail()
-            try:
-                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
-                    return time.monotonic() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text()[-3000:]
-
-    def triton_pid(self) -> int:
-        flag = f"--http-port={self.ports['HTTP']}".encode()
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-            with contextlib.suppress(OSError):
-                if flag in cmdline.read_bytes().split(b"\0"):
-                    return int(cmdline.parent.name)
-        raise AssertionError("no tritonserver with our port")
-
-    def children(self) -> list[int]:
-        return [
-            int(entry.name)
-            for entry in Path("/proc").glob("[0-9]*")
-            if (fields := proc_stat(int(entry.name))) and int(fields[1]) == self.runner.pid
-        ]
-
-    def segment(self, seed: int = 30, **form) -> httpx.Response:
-        form.setdefault("prompts", POINT)
-        return httpx.post(
-            f"{self.base_url}/segment-image",
-            data=form,
-            files={"file": ("a.png", png_bytes(seed=seed))},
-            timeout=120,
-        )
-
-    def close(self) -> None:
-        _kill(self.runner, self.ports["HTTP"])
+def segment(stack: LaunchedStack, seed: int = 30, **form) -> httpx.Response:
+    form.setdefault("prompts", POINT)
+    return httpx.post(
+        f"{stack.base_url}/segment-image",
+        data=form,
+        files={"file": ("a.png", png_bytes(seed=seed))},
+        timeout=120,
+    )
 
 
 @pytest.fixture
-def launched(model_repository, checkpoint_path, tmp_path) -> Iterator[Launched]:
-    stack = Launched(model_repository, checkpoint_path, tmp_path / "run.log")
-    try:
+def launched(model_repository, checkpoint_path, tmp_path) -> Iterator[LaunchedStack]:
+    env = {"MOBILESAM_CHECKPOINT": str(checkpoint_path), "DRAIN_TIMEOUT_S": "60"}
+    with LaunchedStack(model_repository, tmp_path / "run.log", env) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
-def test_make_run_serves_drains_and_stops_both(launched: Launched) -> None:
+def test_make_run_serves_drains_and_stops_both(launched: LaunchedStack) -> None:
     """SIGTERM: the request in flight still gets its answer, then Triton and the proxy stop."""
-    assert launched.segment().status_code == 200
+    assert segment(launched).status_code == 200
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A few seconds of work (a new image: the encoder, then a decoder call of 16
         # prompts), under way at SIGTERM.
-        in_flight = pool.submit(launched.segment, 31, prompts="", points_per_side="4")
+        in_flight = pool.submit(segment, launched, 31, prompts="", points_per_side="4")
         time.sleep(1.5)
         launched.runner.send_signal(signal.SIGTERM)
         response = in_flight.result()
@@ -190,10 +129,10 @@ def test_make_run_serves_drains_and_stops_both(launched: Launched) -> None:
         httpx.get(f"{launched.base_url}/healthz", timeout=2)
 
 
-def test_recovery_without_a_person(launched: Launched) -> None:
+def test_recovery_without_a_person(launched: LaunchedStack) -> None:
     """kill -9 of Triton, then of the proxy: each comes back by itself. kill -9 of the
     launcher: nothing of the stack outlives it."""
-    assert launched.segment().status_code == 200
+    assert segment(launched).status_code == 200
 
     os.kill(launched.triton_pid(), signal.SIGKILL)
     killed = time.monotonic()
@@ -201,22 +140,21 @@ def test_recovery_without_a_person(launched: Launched) -> None:
     while down.status_code == 200 and time.monotonic() - killed < 10:
         down = httpx.get(f"{launched.base_url}/readyz", timeout=5)
     assert down.status_code == 503 and int(down.headers["retry-after"]) > 0
-    meanwhile = launched.segment()
+    meanwhile = segment(launched)
     assert meanwhile.status_code == 503, meanwhile.text
     assert meanwhile.json()["code"] == "triton_unavailable"
     recovered = time.monotonic() - killed + launched.wait_until_ready()
     print(f"ready again {recovered:.1f} s after kill -9 of Triton")
-    assert launched.segment().status_code == 200
+    assert segment(launched).status_code == 200
     assert "restarting in" in launched.log_tail()
 
-    (proxy_pid,) = [pid for pid in launched.children() if b"proxy" in _cmdline(pid)]
-    os.kill(proxy_pid, signal.SIGKILL)
+    os.kill(launched.proxy_pid(), signal.SIGKILL)
     launched.wait_until_ready()
-    assert launched.segment().status_code == 200
+    assert segment(launched).status_code == 200
 
     triton_pid = launched.triton_pid()
     group = process_group_members(triton_pid)  # tritonserver and its stubs
-    regions = [r for pid in group for r in _cmdline(pid).split(b"\0") if b"shm_region" in r]
+    regions = [r for pid in group for r in cmdline(pid).split(b"\0") if b"shm_region" in r]
     survivors = [*group, *launched.children()]
     assert len(group) >= 3 and regions
     launched.runner.kill()
@@ -228,13 +166,6 @@ def test_recovery_without_a_person(launched: Launched) -> None:
         time.sleep(0.25)
     assert not alive, f"outlived the launcher: {alive}"
     assert not [r for r in regions if (Path("/dev/shm") / r.decode()).exists()]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def test_an_orphaned_stub_and_its_shared_memory_are_reaped() -> None:

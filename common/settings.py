@@ -47,7 +47,11 @@ class Settings(BaseSettings):
     triton_metrics_port: int = 8002
     triton_ready_timeout_s: float = 120.0
 
-    triton_timeout_s: float = Field(default=30.0, description="Deadline of one Triton call.")
+    triton_timeout_s: float = Field(
+        default=120.0,
+        description="Deadline of one Triton call: a hung Triton, not a slow request (a "
+        "256-prompt decoder call queued behind others takes a minute on 2 cores).",
+    )
     triton_retry_after_s: int = Field(default=2, description="Retry-After when Triton is busy.")
 
     # --- proxy --------------------------------------------------------------------------

@@ -111,42 +111,41 @@ class RequestGuard:
                 work.cancel()
 
         watcher = asyncio.ensure_future(watch_client())
-        try:
-            done, _ = await asyncio.wait({work}, timeout=self.settings.request_timeout_s)
-            if work in done:
-                if work.cancelled():
-                    self._abandoned(scope, "client_disconnect")
-                else:
-                    work.result()  # re-raise what the app raised
-                return
+
+        async def stop(reason: str, status: int, code: str, detail: str, **extra) -> None:
+            """Cancel the request's work; tell its client why, if it is there to hear."""
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await work
-            self._abandoned(scope, "deadline")
+            self._abandoned(scope, reason)
             if not response["started"] and not client_gone.is_set():
-                await send_problem(
-                    send,
+                await send_problem(send, status, code, detail, **extra)
+
+        try:
+            done, _ = await asyncio.wait({work}, timeout=self.settings.request_timeout_s)
+            if work not in done:
+                await stop(
+                    "deadline",
                     504,
                     "deadline_exceeded",
                     f"the request did not finish within {self.settings.request_timeout_s:g} s; "
                     "its remaining work was dropped",
                     limit_s=self.settings.request_timeout_s,
                 )
+            elif work.cancelled():
+                self._abandoned(scope, "client_disconnect")
+            else:
+                work.result()  # re-raise what the app raised
         except asyncio.CancelledError:
             # The server is shutting down and its drain time (DRAIN_TIMEOUT_S) is over: the
             # request's work stops, and its client hears so, rather than a bare 500.
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
-            self._abandoned(scope, "shutdown")
-            if not response["started"] and not client_gone.is_set():
-                await send_problem(
-                    send,
-                    503,
-                    "shutting_down",
-                    "the proxy is shutting down; retry (another replica may answer)",
-                    {"Retry-After": str(self.settings.triton_retry_after_s)},
-                )
+            await stop(
+                "shutdown",
+                503,
+                "shutting_down",
+                "the proxy is shutting down; retry (another replica may answer)",
+                headers={"Retry-After": str(self.settings.triton_retry_after_s)},
+            )
         finally:
             watcher.cancel()
 
@@ -211,27 +210,14 @@ class BodySizeLimit:
             await self._reject(send, received)
 
     async def _reject(self, send: Send, size: int) -> None:
-        body = json.dumps(
-            problem_body(
-                413,
-                "payload_too_large",
-                f"request body is over the limit of {self.limit} bytes "
-                f"(at least {size} bytes sent)",
-                limit_bytes=self.limit,
-            )
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
+        await send_problem(
+            send,
+            413,
+            "payload_too_large",
+            f"request body is over the limit of {self.limit} bytes (at least {size} bytes sent)",
+            {"Connection": "close"},  # the rest of the body is not read
+            limit_bytes=self.limit,
         )
-        await send({"type": "http.response.body", "body": body})
 
 
 class RequestMetrics:

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run export triton perf bench bench-quick test test-fast screenshot lint format clean
+.PHONY: setup run export triton perf bench bench-quick reliability soak test test-fast screenshot lint format clean
 
 setup: $(SETUP_STAMP)
 
@@ -33,6 +33,15 @@ bench: setup
 
 bench-quick: setup
 	$(PY) -m benchmarks --quick
+
+# Abuse and faults (about 25 min): huge uploads, segment everything at its largest batches,
+# load at 3x capacity with kill -9 of Triton -> build/reliability/ (figures in RELIABILITY.md).
+reliability: setup
+	$(PY) -m benchmarks.reliability uploads allocator everything fault
+
+# 30 minutes of mixed traffic, the memory of the proxy and of Triton sampled throughout.
+soak: setup
+	$(PY) -m benchmarks.reliability soak
 
 lint: setup
 	$(VENV)/bin/ruff check .

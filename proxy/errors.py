@@ -56,6 +56,12 @@ class InvalidParameter(ServiceError, ValueError):
         self.field = field
 
 
+class TooMuchWork(ServiceError, ValueError):
+    """A request whose computed cost is over its limit (segment-everything's prompt count)."""
+
+    code = "too_much_work"
+
+
 class PromptError(ServiceError, ValueError):
     """A prompt the API refuses; the code says what is wrong, `location` where."""
 
@@ -94,6 +100,21 @@ class DegenerateImage(ImageError):
     """Too thin to resize: less than one pixel wide at the encoder's input size."""
 
     code = "degenerate_image"
+
+
+# --- the proxy's own limits -------------------------------------------------------------------
+
+
+class Overloaded(ServiceError):
+    """No room for the request's work right now (admission control): retry later."""
+
+    code = "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    """The request ran past its overall deadline; its remaining work was dropped."""
+
+    code = "deadline_exceeded"
 
 
 # --- Triton -----------------------------------------------------------------------------------

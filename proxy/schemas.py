@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class CocoRle(BaseModel):
@@ -83,4 +83,20 @@ class EverythingResponse(ImageInfo):
     overlay_png: str | None = Field(
         default=None,
         description="With return_overlay=true: base64 PNG of the masks over the image.",
+    )
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; every error the API returns. Errors may add fields (the
+    offending `field`, a `limit`, the `triton` readiness map, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(examples=["/problems/invalid_box"])
+    title: str = Field(examples=["Unprocessable Content"])
+    status: int = Field(examples=[422])
+    code: str = Field(description="Stable and machine-readable.", examples=["invalid_box"])
+    detail: str = Field(
+        description="For people: what is wrong and where.",
+        examples=["prompts[0].box: corners must be top-left then bottom-right"],
     )

@@ -7,8 +7,14 @@ No HTTP here: the routes parse a request and call these steps in order,
     embedded = await service.embed(image)                 # the encoder, unless cached
     results = await service.segment(embedded, prompts)    # the decoder, then the records
 
-or `segment_everything(embedded, params)` instead of the last two. CPU-heavy steps (decoding,
-resizing, post-processing) run in worker threads so that the event loop keeps serving.
+or `segment_everything(embedded, params)` instead of the last two, once
+`check_everything_cost(params)` has passed and `admit_everything` has given it a place.
+
+Memory is admitted before it is used (`proxy.admission`): the upload's bytes before it is
+read, the decoder's peak from the header before decoding, then what the request's `Work`
+holds per pixel; a request keeps its share in its `scope` until it is done. CPU-heavy steps
+(decoding, resizing, post-processing) run in worker threads so that the event loop keeps
+serving.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
-from functools import partial
+from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,8 +32,10 @@ from anyio import to_thread
 
 from common.settings import Settings
 from proxy import encodings, geometry, imaging, overlay, postprocess
+from proxy.admission import Admission, Reservation
+from proxy.allocator import release_free_memory
 from proxy.cache import CachedImage, EmbeddingCache
-from proxy.errors import DegenerateImage, PromptError, UnknownImageId, UnknownMaskId
+from proxy.errors import DegenerateImage, PromptError, TooMuchWork, UnknownImageId, UnknownMaskId
 from proxy.everything.crops import CropJob
 from proxy.everything.masks import LazyMasks, MaskData, to_records
 from proxy.everything.params import AmgParams
@@ -113,6 +122,22 @@ def image_id_for(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# Memory while Pillow decodes an image into our RGB array: Pillow holds RGB as 4 bytes per
+# pixel, the array 3 more, plus the codec's buffers (measured 9.1 for 12 and 40 MP JPEGs).
+DECODE_PEAK_BYTES_PER_PIXEL = 10
+# Freed decoder memory goes back to the system at once for images this large.
+TRIM_AFTER_PIXELS = 4_000_000
+
+
+class Work(Enum):
+    """What a request does with its image, and the memory that takes, in bytes per pixel of
+    the image, once it is decoded (measured in RELIABILITY.md)."""
+
+    EMBED = 3  # the decoded pixels, until they are encoded
+    PROMPTS = 8  # then one mask at a time: float logits (4), the mask (1), its encoding
+    EVERYTHING = 10  # the pixels for crops and overlay (3), one mask's planes (5), the overlay
+
+
 class SegmentationService:
     def __init__(
         self,
@@ -121,20 +146,32 @@ class SegmentationService:
         cache: EmbeddingCache,
         metrics: ProxyMetrics,
         masks: MaskStore | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.settings = settings
         self.gateway = gateway
         self.cache = cache
         self.metrics = metrics
         self.masks = masks if masks is not None else MaskStore(settings.mask_cache_bytes)
+        self.admission = admission or Admission(settings, metrics)
         self.identity = model_identity(settings)
 
     # --- images and embeddings ---------------------------------------------------------------
 
+    async def admit_upload(self, nbytes: int, scope: AsyncExitStack) -> None:
+        """Room for an upload of `nbytes`, held until the request is done."""
+        await scope.enter_async_context(self.admission.image(nbytes))
+
     async def open_image(
-        self, data: bytes | None, image_id: str | None, timings: Timings
+        self,
+        data: bytes | None,
+        image_id: str | None,
+        work: Work,
+        timings: Timings,
+        scope: AsyncExitStack,
     ) -> OpenedImage:
-        """An upload (decoded unless its embedding is cached) or an earlier image_id."""
+        """An upload (decoded unless its embedding is cached) or an earlier image_id, once the
+        memory `work` takes on it is admitted."""
         if data is None:
             entry = self.cache.get(self._key(image_id))
             if entry is None:
@@ -142,13 +179,26 @@ class SegmentationService:
                 raise UnknownImageId(
                     f"image_id {image_id} is not (or no longer) cached; upload the file again"
                 )
-            return OpenedImage(image_id, entry.original_size, entry)
-        image_id = image_id_for(data)
-        entry = self.cache.get(self._key(image_id))
+        else:
+            image_id = image_id_for(data)
+            entry = self.cache.get(self._key(image_id))
         if entry is not None:
+            await self._admit(scope, work.value, entry.original_size)
             return OpenedImage(image_id, entry.original_size, entry)
+        width, height = imaging.image_size(
+            data, max_pixels=self.settings.max_image_pixels, max_side=self.settings.max_image_side
+        )
+        peak = max(DECODE_PEAK_BYTES_PER_PIXEL, work.value)
+        reservation = await self._admit(scope, peak, (height, width))
         pixels = await self._decode_pixels(data, timings)
+        reservation.shrink(work.value * height * width)
         return OpenedImage(image_id, pixels.shape[:2], None, pixels, data)
+
+    async def _admit(self, scope: AsyncExitStack, bytes_per_pixel: int, size: Size) -> Reservation:
+        height, width = size
+        return await scope.enter_async_context(
+            self.admission.image(bytes_per_pixel * height * width)
+        )
 
     def parse_prompts(self, raw: str, image: OpenedImage) -> list[Prompt]:
         """The request's prompts, validated against the image's size and the limits, with the
@@ -203,15 +253,19 @@ class SegmentationService:
         return self.identity, image_id
 
     async def _decode_pixels(self, data: bytes, timings: Timings) -> np.ndarray:
-        with timings.stage("decode_image"):
-            return await to_thread.run_sync(
-                partial(
-                    imaging.decode_image,
-                    data,
-                    max_pixels=self.settings.max_image_pixels,
-                    max_side=self.settings.max_image_side,
-                )
+        def decode() -> np.ndarray:
+            pixels = imaging.decode_image(
+                data,
+                max_pixels=self.settings.max_image_pixels,
+                max_side=self.settings.max_image_side,
             )
+            # The decoder's buffers (~6 bytes a pixel) stay in glibc's arenas otherwise.
+            if self.settings.trim_memory and pixels.shape[0] * pixels.shape[1] >= TRIM_AFTER_PIXELS:
+                release_free_memory()
+            return pixels
+
+        with timings.stage("decode_image"):
+            return await to_thread.run_sync(decode)
 
     async def _encode_pixels(
         self, image: np.ndarray, timings: Timings, source: bytes = b""
@@ -293,6 +347,21 @@ class SegmentationService:
 
     # --- segment everything -------------------------------------------------------------------
 
+    async def admit_everything(self, scope: AsyncExitStack) -> None:
+        """A place among the segment-everything runs in flight, held until the request ends."""
+        await scope.enter_async_context(self.admission.everything_run())
+
+    def check_everything_cost(self, params: AmgParams) -> None:
+        """Refuse a run whose decoder prompts (grid points x crops) are over the limit."""
+        prompts, limit = params.decoder_prompts(), self.settings.max_everything_prompts
+        if prompts > limit:
+            raise TooMuchWork(
+                f"these settings ask the decoder for {prompts} prompts (grid points x crops); "
+                f"the limit is {limit}: lower points_per_side or crop_n_layers",
+                prompts=prompts,
+                limit=limit,
+            )
+
     async def segment_everything(
         self,
         image: EmbeddedImage,
@@ -307,10 +376,11 @@ class SegmentationService:
         The whole-image crop reuses the image's embedding; other crops are encoded (and
         cached) as images of their own. `progress(done, total)` counts grid points decoded.
         """
+        self.check_everything_cost(params)
         side = await self.gateway.image_side()
         pixels = image.pixels
-        needs_pixels = want_overlay or params.crop_n_layers > 0
-        if pixels is None and needs_pixels:
+        if pixels is None and (want_overlay or params.crop_n_layers > 0):
+            # Decoded again from the kept upload: room for it came with Work.EVERYTHING.
             pixels = await self._decode_pixels(image.entry.source, timings)
         model = _CropModel(self, image, pixels, timings)
         data = await generate_masks(model, image.size, params, side, timings, progress)

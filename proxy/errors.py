@@ -117,6 +117,12 @@ class DeadlineExceeded(ServiceError):
     code = "deadline_exceeded"
 
 
+class ShuttingDown(ServiceError):
+    """The proxy stopped while the request was still running past its drain time."""
+
+    code = "shutting_down"
+
+
 # --- Triton -----------------------------------------------------------------------------------
 
 

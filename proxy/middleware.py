@@ -12,8 +12,10 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.settings import Settings
+from proxy.errors import DeadlineExceeded, ServiceError, ShuttingDown
+from proxy.events import EVENT_STREAM, error_event
 from proxy.metrics import ProxyMetrics
-from proxy.problems import PROBLEM_MEDIA_TYPE, problem_body
+from proxy.problems import PROBLEM_MEDIA_TYPE, problem_body, status_of
 
 log = logging.getLogger("proxy")
 
@@ -80,7 +82,7 @@ class RequestGuard:
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         body_read = asyncio.Event()
         client_gone = asyncio.Event()
-        response = {"started": False, "done": False}
+        response = {"started": False, "done": False, "stream": False}
 
         async def watched_receive() -> Message:
             if body_read.is_set():  # only the disconnect is left to hear: the watcher hears it
@@ -96,6 +98,9 @@ class RequestGuard:
         async def watched_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 response["started"] = True
+                headers = dict(message.get("headers", []))
+                content_type = headers.get(b"content-type", b"").decode("latin-1")
+                response["stream"] = content_type.startswith(EVENT_STREAM)
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 response["done"] = True
             await send(message)
@@ -112,25 +117,35 @@ class RequestGuard:
 
         watcher = asyncio.ensure_future(watch_client())
 
-        async def stop(reason: str, status: int, code: str, detail: str, **extra) -> None:
-            """Cancel the request's work; tell its client why, if it is there to hear."""
+        async def stop(reason: str, error: ServiceError, headers: dict | None = None) -> None:
+            """Cancel the request's work; tell its client why, if it is there to hear: as a
+            problem response, or, in an event stream already under way, as its last event."""
             work.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await work
             self._abandoned(scope, reason)
-            if not response["started"] and not client_gone.is_set():
-                await send_problem(send, status, code, detail, **extra)
+            if client_gone.is_set() or response["done"]:
+                return
+            if not response["started"]:
+                await send_problem(
+                    send, status_of(error), error.code, error.detail, headers, **error.extensions
+                )
+            elif response["stream"]:
+                retry_after = self.settings.triton_retry_after_s
+                last = error_event(error, retry_after)
+                await send({"type": "http.response.body", "body": last, "more_body": False})
 
         try:
             done, _ = await asyncio.wait({work}, timeout=self.settings.request_timeout_s)
             if work not in done:
+                limit = self.settings.request_timeout_s
                 await stop(
                     "deadline",
-                    504,
-                    "deadline_exceeded",
-                    f"the request did not finish within {self.settings.request_timeout_s:g} s; "
-                    "its remaining work was dropped",
-                    limit_s=self.settings.request_timeout_s,
+                    DeadlineExceeded(
+                        f"the request did not finish within {limit:g} s; "
+                        "its remaining work was dropped",
+                        limit_s=limit,
+                    ),
                 )
             elif work.cancelled():
                 self._abandoned(scope, "client_disconnect")
@@ -141,10 +156,8 @@ class RequestGuard:
             # request's work stops, and its client hears so, rather than a bare 500.
             await stop(
                 "shutdown",
-                503,
-                "shutting_down",
-                "the proxy is shutting down; retry (another replica may answer)",
-                headers={"Retry-After": str(self.settings.triton_retry_after_s)},
+                ShuttingDown("the proxy is shutting down; retry (another replica may answer)"),
+                {"Retry-After": str(self.settings.triton_retry_after_s)},
             )
         finally:
             watcher.cancel()

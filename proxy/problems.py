@@ -47,6 +47,7 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.TooMuchWork: 422,
     errors.Overloaded: 503,
     errors.DeadlineExceeded: 504,
+    errors.ShuttingDown: 503,
     errors.PromptError: 422,
     errors.ImageError: 422,
     errors.UnsupportedImageFormat: 415,
@@ -55,7 +56,7 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.TritonFailed: 502,
 }
 # Worth retrying after `Retry-After` seconds.
-RETRY_LATER = (errors.TritonUnavailable, errors.Overloaded)
+RETRY_LATER = (errors.TritonUnavailable, errors.Overloaded, errors.ShuttingDown)
 
 
 def status_of(error: errors.ServiceError | type[errors.ServiceError]) -> int:

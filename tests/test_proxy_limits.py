@@ -183,6 +183,38 @@ def test_past_the_deadline_the_work_is_cancelled_and_the_answer_is_504() -> None
     assert abandoned(metrics, "deadline") == 1
 
 
+def test_an_event_stream_past_its_deadline_ends_with_an_error_event() -> None:
+    """Its headers are sent: the 504 travels as the stream's last event instead."""
+    events: list[str] = []
+
+    async def streaming_app(scope, receive, send) -> None:
+        await receive()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"event: progress\n", "more_body": True})
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            events.append("cancelled")
+            raise
+
+    middleware, metrics = guard(streaming_app, request_timeout_s=0.1)
+    exchange = Exchange()
+    asyncio.run(middleware(SCOPE, exchange.receive, exchange.send))
+    assert events == ["cancelled"] and exchange.status() == 200
+    last = exchange.sent[-1]
+    assert last["more_body"] is False
+    name, data = last["body"].decode().strip().split("\n")
+    assert name == "event: error"
+    assert json.loads(data.removeprefix("data: "))["code"] == "deadline_exceeded"
+    assert abandoned(metrics, "deadline") == 1
+
+
 def test_a_client_that_leaves_cancels_its_work() -> None:
     events: list[str] = []
     middleware, metrics = guard(slow_app(events))

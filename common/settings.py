@@ -47,7 +47,11 @@ class Settings(BaseSettings):
     triton_metrics_port: int = 8002
     triton_ready_timeout_s: float = 120.0
 
-    triton_timeout_s: float = Field(default=30.0, description="Deadline of one Triton call.")
+    triton_timeout_s: float = Field(
+        default=120.0,
+        description="Deadline of one Triton call: a hung Triton, not a slow request (a "
+        "256-prompt decoder call queued behind others takes a minute on 2 cores).",
+    )
     triton_retry_after_s: int = Field(default=2, description="Retry-After when Triton is busy.")
     # Several Tritons (proxy/endpoints.py): a name resolving to several addresses (a headless
     # Kubernetes Service) is one endpoint per address, re-resolved at every health check.
@@ -74,6 +78,46 @@ class Settings(BaseSettings):
     embedding_cache_bytes: int = Field(
         default=512 * 1024 * 1024, description="LRU budget; one embedding is 4 MiB."
     )
+    mask_cache_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        description="LRU budget of the masks kept for refinement; one mask is 256 KiB.",
+    )
+
+    # --- bounded work per request ---------------------------------------------------------
+    request_timeout_s: float = Field(
+        default=300.0, description="Overall deadline of a request; past it, 504 and no more work."
+    )
+    max_everything_prompts: int = Field(
+        default=5120,
+        description="Decoder prompts one segment-everything request may ask for (grid points "
+        "x crops): upstream's defaults are 1024, with one crop layer 5120.",
+    )
+    max_image_bytes_in_flight: int = Field(
+        default=512 * 1024 * 1024,
+        description="Uploaded and decoded image bytes (3 per pixel) the proxy holds at once "
+        "across requests; a request that would exceed it waits up to admission_wait_s, then 503.",
+    )
+    max_everything_in_flight: int = Field(
+        default=2, description="Segment-everything requests running at once; more wait, then 503."
+    )
+    max_requests_in_flight: int = Field(
+        default=64, description="Requests in the proxy at once; past it, 503 at once."
+    )
+    admission_wait_s: float = Field(
+        default=2.0, description="How long a request may wait for room before 503."
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+    malloc_arenas: int = Field(
+        default=2, description="glibc malloc arenas of the proxy (0: glibc's default, 8 a core)."
+    )
+    trim_memory: bool = Field(
+        default=True,
+        description="Give freed memory back to the system after a burst of large images.",
+    )
+
+    # --- the shared embedding cache -------------------------------------------------------
     # The shared tier behind the local LRU (proxy/shared_cache.py), for several proxy replicas.
     redis_url: str | None = Field(default=None, description="redis://host:port/db; unset: local.")
     redis_ttl_s: int = Field(default=3600, description="Entry lifetime, renewed on every read.")

@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, VerificationError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the model repository cannot be written, a disk error, ...
+        print(f"export failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

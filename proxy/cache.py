@@ -96,6 +96,11 @@ class EmbeddingCache:
         if pending is not None:
             try:
                 entry = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this request is being cancelled
+                # The request computing it was cancelled (its client left): try ourselves.
+                return await self.get_or_compute(key, compute)
             except Exception:
                 # The other request's failure may be its own (its prompts, say): try ourselves.
                 return await self.get_or_compute(key, compute)

@@ -44,6 +44,29 @@ class ProxyMetrics:
             "Bytes held by the embedding cache.",
             registry=self.registry,
         )
+        self.requests_in_flight = Gauge(
+            "proxy_requests_in_flight",
+            "Requests being served (health, readiness and metrics excepted).",
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "proxy_requests_refused",
+            "Requests refused with 503 before any work, by the limit they hit.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.abandoned = Counter(
+            "proxy_requests_abandoned",
+            "Requests whose work was stopped: the client left, or the deadline passed.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.admission_in_use = Gauge(
+            "proxy_admission_in_use",
+            "Units of each admission budget held by requests in flight.",
+            ["budget"],
+            registry=self.registry,
+        )
         self.cache_entries = Gauge(
             "proxy_embedding_cache_entries",
             "Images held by the embedding cache.",

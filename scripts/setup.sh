@@ -12,8 +12,9 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 # libb64-0d: perf_analyzer (tritonclient 2.51.0 wheel) links against it.
 # docker-compose: the static compose checks in tests/test_docker_files.py (no engine here).
+# chromium: the browser the web page's tests drive (playwright's own download is unreachable).
 # redis-server: the shared embedding cache's tests run a real one.
-APT_PACKAGES=(libb64-0d docker-compose redis-server)
+APT_PACKAGES=(libb64-0d docker-compose chromium redis-server)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run export triton perf bench bench-quick test test-fast lint format clean
+.PHONY: setup run export triton perf bench bench-quick reliability soak test test-fast screenshot k8s-play lint format clean
 
 setup: $(SETUP_STAMP)
 
@@ -34,6 +34,15 @@ bench: setup
 bench-quick: setup
 	$(PY) -m benchmarks --quick
 
+# Abuse and faults (about 25 min): huge uploads, segment everything at its largest batches,
+# load at 3x capacity with kill -9 of Triton -> build/reliability/ (figures in RELIABILITY.md).
+reliability: setup
+	$(PY) -m benchmarks.reliability uploads allocator everything fault
+
+# 30 minutes of mixed traffic, the memory of the proxy and of Triton sampled throughout.
+soak: setup
+	$(PY) -m benchmarks.reliability soak
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -54,6 +63,15 @@ test-containers: setup
 	bash scripts/podman.sh setup
 	IMAGE_TAG=$(CONTAINER_TAG) PY=$(PY) bash scripts/podman.sh build
 	IMAGE_TAG=$(CONTAINER_TAG) $(PY) -m pytest tests/containers
+
+# The README's picture of the web page: the real stack (test checkpoint) in a real browser.
+screenshot: setup
+	WEB_PAGE_SCREENSHOT=$(CURDIR)/docs/web-page.png $(PY) -m pytest -q tests/test_web_page.py -k readme_screenshot
+
+# The small Kubernetes overlay's Triton and proxy pods under `podman kube play`, answering one
+# request (needs the images of `scripts/podman.sh build`; not part of `make test`).
+k8s-play: setup
+	CONTAINERS_CONF=$(CURDIR)/build/podman/containers.conf PYTHONPATH=. $(PY) scripts/k8s_podman_play.py
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

@@ -47,8 +47,21 @@ class Settings(BaseSettings):
     triton_metrics_port: int = 8002
     triton_ready_timeout_s: float = 120.0
 
-    triton_timeout_s: float = Field(default=30.0, description="Deadline of one Triton call.")
+    triton_timeout_s: float = Field(
+        default=120.0,
+        description="Deadline of one Triton call: a hung Triton, not a slow request (a "
+        "256-prompt decoder call queued behind others takes a minute on 2 cores).",
+    )
     triton_retry_after_s: int = Field(default=2, description="Retry-After when Triton is busy.")
+    # Several Tritons (proxy/endpoints.py): a name resolving to several addresses (a headless
+    # Kubernetes Service) is one endpoint per address, re-resolved at every health check.
+    triton_endpoints: str = Field(
+        default="",
+        description="Comma-separated host:port list; empty: TRITON_HOST:TRITON_HTTP_PORT.",
+    )
+    triton_health_interval_s: float = Field(
+        default=2.0, description="How often each endpoint's readiness is probed (and DNS read)."
+    )
 
     # --- proxy --------------------------------------------------------------------------
     proxy_host: str = "127.0.0.1"
@@ -65,10 +78,63 @@ class Settings(BaseSettings):
     embedding_cache_bytes: int = Field(
         default=512 * 1024 * 1024, description="LRU budget; one embedding is 4 MiB."
     )
+    mask_cache_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        description="LRU budget of the masks kept for refinement; one mask is 256 KiB.",
+    )
+
+    # --- bounded work per request ---------------------------------------------------------
+    request_timeout_s: float = Field(
+        default=300.0, description="Overall deadline of a request; past it, 504 and no more work."
+    )
+    max_everything_prompts: int = Field(
+        default=5120,
+        description="Decoder prompts one segment-everything request may ask for (grid points "
+        "x crops): upstream's defaults are 1024, with one crop layer 5120.",
+    )
+    max_image_bytes_in_flight: int = Field(
+        default=512 * 1024 * 1024,
+        description="Uploaded and decoded image bytes (3 per pixel) the proxy holds at once "
+        "across requests; a request that would exceed it waits up to admission_wait_s, then 503.",
+    )
+    max_everything_in_flight: int = Field(
+        default=2, description="Segment-everything requests running at once; more wait, then 503."
+    )
+    max_requests_in_flight: int = Field(
+        default=64, description="Requests in the proxy at once; past it, 503 at once."
+    )
+    admission_wait_s: float = Field(
+        default=2.0, description="How long a request may wait for room before 503."
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, description="On SIGTERM, how long in-flight requests may finish."
+    )
+    malloc_arenas: int = Field(
+        default=2, description="glibc malloc arenas of the proxy (0: glibc's default, 8 a core)."
+    )
+    trim_memory: bool = Field(
+        default=True,
+        description="Give freed memory back to the system after a burst of large images.",
+    )
+
+    # --- the shared embedding cache -------------------------------------------------------
+    # The shared tier behind the local LRU (proxy/shared_cache.py), for several proxy replicas.
+    redis_url: str | None = Field(default=None, description="redis://host:port/db; unset: local.")
+    redis_ttl_s: int = Field(default=3600, description="Entry lifetime, renewed on every read.")
+    redis_timeout_s: float = Field(default=0.5, description="Deadline of one Redis call.")
+    redis_max_entry_bytes: int = Field(
+        default=16 * 1024 * 1024, description="Larger entries (big uploads) stay local."
+    )
 
     @property
     def triton_http_url(self) -> str:
         return f"{self.triton_host}:{self.triton_http_port}"
+
+    @property
+    def triton_http_endpoints(self) -> list[str]:
+        """host:port of every Triton HTTP endpoint the proxy balances over."""
+        listed = [part.strip() for part in self.triton_endpoints.split(",") if part.strip()]
+        return listed or [self.triton_http_url]
 
     @property
     def triton_metrics_url(self) -> str:

@@ -41,10 +41,7 @@ def is_url(source: str) -> bool:
 def resolve_checkpoint(source: str, cache_dir: Path, expected_sha256: str | None = None) -> Path:
     """Return a local, verified path for `source` (a path or an http(s) URL)."""
     if not is_url(source):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file not found: {path}. {POINT_AT_LOCAL_FILE}")
-        return path
+        return readable_file(Path(source).expanduser())
 
     if expected_sha256 is None and source == OFFICIAL_CHECKPOINT_URL:
         expected_sha256 = OFFICIAL_CHECKPOINT_SHA256
@@ -74,6 +71,29 @@ def resolve_checkpoint(source: str, cache_dir: Path, expected_sha256: str | None
         )
     partial.replace(cached)
     return cached
+
+
+def readable_file(path: Path) -> Path:
+    """`path` if it is a file this process can read; else a CheckpointError that says why."""
+    if path.is_symlink() and not path.exists():
+        raise CheckpointError(
+            f"checkpoint {path} is a broken symbolic link (to {os.readlink(path)}). "
+            f"{POINT_AT_LOCAL_FILE}"
+        )
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a directory, not a file: point at the .pt file itself"
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}. {POINT_AT_LOCAL_FILE}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {exc.strerror} (check its permissions and owner)"
+        ) from exc
+    return path
 
 
 def load_mobilesam(path: Path):

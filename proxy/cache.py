@@ -1,7 +1,10 @@
 """Image embeddings kept in memory, so re-prompting an image never re-runs the encoder.
 
 An LRU bounded by bytes, keyed by (model identity, image content hash). Concurrent misses
-for the same key share one encoder call instead of each starting their own.
+for the same key share one encoder call instead of each starting their own. With a shared
+tier (`proxy.shared_cache.RedisTier`, when `REDIS_URL` is set) the LRU sits in front of it:
+a local miss asks the shared tier before computing, and what is computed goes to both, so
+an image uploaded to one proxy replica can be re-prompted on any other.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+
+CacheKey = tuple[str, str]  # (model identity, image_id)
 
 
 @dataclass(frozen=True)
@@ -30,23 +36,43 @@ class CachedImage:
         return int(self.embedding.nbytes) + len(self.source)
 
 
+class SharedTier(Protocol):
+    """A cache shared by proxy replicas. Never raises: a failure is a miss (or no store)."""
+
+    async def load(self, key: CacheKey) -> CachedImage | None: ...
+
+    async def store(self, key: CacheKey, entry: CachedImage) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class EmbeddingCache:
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, shared: SharedTier | None = None) -> None:
         self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[tuple[str, str], CachedImage] = OrderedDict()
-        self._in_flight: dict[tuple[str, str], asyncio.Future[CachedImage]] = {}
+        self.shared = shared
+        self._entries: OrderedDict[CacheKey, CachedImage] = OrderedDict()
+        self._in_flight: dict[CacheKey, asyncio.Future[CachedImage]] = {}
         self.used_bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple[str, str]) -> CachedImage | None:
+    def get(self, key: CacheKey) -> CachedImage | None:
         entry = self._entries.get(key)
         if entry is not None:
             self._entries.move_to_end(key)
         return entry
 
-    def put(self, key: tuple[str, str], entry: CachedImage) -> None:
+    async def lookup(self, key: CacheKey) -> CachedImage | None:
+        """Local first, then the shared tier (a shared hit is kept locally too)."""
+        entry = self.get(key)
+        if entry is None and self.shared is not None:
+            entry = await self.shared.load(key)
+            if entry is not None:
+                self.put(key, entry)
+        return entry
+
+    def put(self, key: CacheKey, entry: CachedImage) -> None:
         if entry.nbytes > self.budget_bytes:
             return
         previous = self._entries.pop(key, None)
@@ -59,9 +85,10 @@ class EmbeddingCache:
             self.used_bytes -= evicted.nbytes
 
     async def get_or_compute(
-        self, key: tuple[str, str], compute: Callable[[], Awaitable[CachedImage]]
+        self, key: CacheKey, compute: Callable[[], Awaitable[CachedImage]]
     ) -> tuple[CachedImage, bool]:
-        """Returns the entry and whether it was a hit (a shared in-flight miss counts as one)."""
+        """Returns the entry and whether it was a hit: found locally or in the shared tier, or
+        computed by a concurrent request for the same key (one computation for all of them)."""
         entry = self.get(key)
         if entry is not None:
             return entry, True
@@ -69,6 +96,11 @@ class EmbeddingCache:
         if pending is not None:
             try:
                 entry = await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                if not pending.cancelled():
+                    raise  # this request is being cancelled
+                # The request computing it was cancelled (its client left): try ourselves.
+                return await self.get_or_compute(key, compute)
             except Exception:
                 # The other request's failure may be its own (its prompts, say): try ourselves.
                 return await self.get_or_compute(key, compute)
@@ -76,7 +108,8 @@ class EmbeddingCache:
         future: asyncio.Future[CachedImage] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         try:
-            entry = await compute()
+            shared = None if self.shared is None else await self.shared.load(key)
+            entry = shared if shared is not None else await compute()
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 future.cancel()
@@ -88,4 +121,12 @@ class EmbeddingCache:
             self._in_flight.pop(key, None)
         future.set_result(entry)
         self.put(key, entry)
+        if shared is not None:
+            return entry, True
+        if self.shared is not None:
+            await self.shared.store(key, entry)
         return entry, False
+
+    async def close(self) -> None:
+        if self.shared is not None:
+            await self.shared.close()

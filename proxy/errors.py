@@ -40,6 +40,12 @@ class UnknownImageId(ServiceError):
     code = "unknown_image_id"
 
 
+class UnknownMaskId(ServiceError):
+    """The mask_id is not (or no longer) kept."""
+
+    code = "unknown_mask_id"
+
+
 class InvalidParameter(ServiceError, ValueError):
     """A setting outside its documented range; `field` names it."""
 
@@ -48,6 +54,12 @@ class InvalidParameter(ServiceError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}", field=field)
         self.field = field
+
+
+class TooMuchWork(ServiceError, ValueError):
+    """A request whose computed cost is over its limit (segment-everything's prompt count)."""
+
+    code = "too_much_work"
 
 
 class PromptError(ServiceError, ValueError):
@@ -88,6 +100,27 @@ class DegenerateImage(ImageError):
     """Too thin to resize: less than one pixel wide at the encoder's input size."""
 
     code = "degenerate_image"
+
+
+# --- the proxy's own limits -------------------------------------------------------------------
+
+
+class Overloaded(ServiceError):
+    """No room for the request's work right now (admission control): retry later."""
+
+    code = "overloaded"
+
+
+class DeadlineExceeded(ServiceError):
+    """The request ran past its overall deadline; its remaining work was dropped."""
+
+    code = "deadline_exceeded"
+
+
+class ShuttingDown(ServiceError):
+    """The proxy stopped while the request was still running past its drain time."""
+
+    code = "shutting_down"
 
 
 # --- Triton -----------------------------------------------------------------------------------

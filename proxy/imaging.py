@@ -71,6 +71,19 @@ def decode_image(data: bytes, *, max_pixels: int, max_side: int) -> np.ndarray:
         image.close()
 
 
+def image_size(data: bytes, *, max_pixels: int, max_side: int) -> tuple[int, int]:
+    """(width, height) from the header alone, with every check `decode_image` makes first:
+    what the decode will cost is known before anything is allocated."""
+    if not data:
+        raise EmptyImage("the uploaded file is empty (0 bytes)")
+    image = _open_allowed(data, max_pixels)
+    try:
+        check_image_size(image.width, image.height, max_pixels=max_pixels, max_side=max_side)
+        return image.width, image.height
+    finally:
+        image.close()
+
+
 def check_image_size(width: int, height: int, *, max_pixels: int, max_side: int) -> None:
     """Refuse from the declared size alone, before decoding allocates width*height*channels."""
     if width <= 0 or height <= 0:

@@ -44,8 +44,63 @@ class ProxyMetrics:
             "Bytes held by the embedding cache.",
             registry=self.registry,
         )
+        self.requests_in_flight = Gauge(
+            "proxy_requests_in_flight",
+            "Requests being served (health, readiness and metrics excepted).",
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "proxy_requests_refused",
+            "Requests refused with 503 before any work, by the limit they hit.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.abandoned = Counter(
+            "proxy_requests_abandoned",
+            "Requests whose work was stopped: the client left, or the deadline passed.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.admission_in_use = Gauge(
+            "proxy_admission_in_use",
+            "Units of each admission budget held by requests in flight.",
+            ["budget"],
+            registry=self.registry,
+        )
         self.cache_entries = Gauge(
             "proxy_embedding_cache_entries",
             "Images held by the embedding cache.",
+            registry=self.registry,
+        )
+        # Several Tritons (proxy/endpoints.py)
+        self.triton_endpoints = Gauge(
+            "proxy_triton_endpoints",
+            "Triton endpoints known to the proxy, by state (healthy or ejected).",
+            ["state"],
+            registry=self.registry,
+        )
+        self.triton_endpoint_ejections = Counter(
+            "proxy_triton_endpoint_ejections",
+            "Triton endpoints taken out of rotation (failed probe or unreachable).",
+            registry=self.registry,
+        )
+        # The shared embedding cache (proxy/shared_cache.py)
+        self.shared_cache_lookups = Counter(
+            "proxy_shared_cache_lookups",
+            "Shared (Redis) cache lookups after a local miss that Redis answered, by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.shared_cache_errors = Counter(
+            "proxy_shared_cache_errors",
+            "Failed shared-cache calls (unreachable, timed out, unreadable entry), by operation; "
+            "the proxy then serves from its local cache.",
+            ["operation"],
+            registry=self.registry,
+        )
+        self.shared_cache_skips = Counter(
+            "proxy_shared_cache_skips",
+            "Shared-cache calls not made, by reason (backoff after an error, entry too large).",
+            ["reason"],
             registry=self.registry,
         )

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from proxy.postprocess import batched_mask_to_box
+
 OPACITY = 0.5
 GOLDEN_RATIO_CONJUGATE = 0.618033988749895
 
@@ -29,23 +31,35 @@ def render_overlay(
     """RGB uint8 image with masks blended in (largest first, so small ones stay visible),
     their outlines, and `label` in the top-left corner.
 
-    `masks` may be a lazy sequence that decodes on access: each mask is fetched on its own
-    (twice), so hundreds of full-resolution masks never sit in memory together.
+    `masks` may be a lazy sequence that decodes on access: each mask is fetched once, and only
+    its bounding box is worked on, in uint8, so memory stays near one copy of the image.
     """
-    canvas = image.astype(np.float32)
+    picture = image.copy()
     colours = mask_colours(len(masks))
     if areas is None:
         areas = [int(np.count_nonzero(masks[i])) for i in range(len(masks))]
     order = sorted(range(len(masks)), key=lambda i: -areas[i])
+    outlines = []
     for index in order:
         mask = masks[index]
-        canvas[mask] = canvas[mask] * (1 - OPACITY) + colours[index] * OPACITY
-    picture = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
-    for index in order:
+        x0, y0, x1, y1 = (int(v) for v in batched_mask_to_box(mask))  # 0s when empty
+        window = picture[y0 : y1 + 1, x0 : x1 + 1]
+        inside = mask[y0 : y1 + 1, x0 : x1 + 1]
+        if not inside.any():
+            continue
+        for channel in range(3):
+            blended = cv2.convertScaleAbs(
+                window[..., channel],
+                alpha=1 - OPACITY,
+                beta=float(colours[index, channel]) * OPACITY,
+            )
+            np.copyto(window[..., channel], blended, where=inside)
         contours, _ = cv2.findContours(
-            masks[index].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+            inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0)
         )
-        cv2.drawContours(picture, contours, -1, tuple(int(c) for c in colours[index]), 1)
+        outlines.append((contours, tuple(int(c) for c in colours[index])))
+    for contours, colour in outlines:  # after every blend, as the outlines sit on top
+        cv2.drawContours(picture, contours, -1, colour, 1)
     _draw_label(picture, label)
     return picture
 

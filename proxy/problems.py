@@ -42,7 +42,12 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.ImageRequired: 422,
     errors.PayloadTooLarge: 413,
     errors.UnknownImageId: 404,
+    errors.UnknownMaskId: 404,
     errors.InvalidParameter: 422,
+    errors.TooMuchWork: 422,
+    errors.Overloaded: 503,
+    errors.DeadlineExceeded: 504,
+    errors.ShuttingDown: 503,
     errors.PromptError: 422,
     errors.ImageError: 422,
     errors.UnsupportedImageFormat: 415,
@@ -51,7 +56,7 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.TritonFailed: 502,
 }
 # Worth retrying after `Retry-After` seconds.
-RETRY_LATER = (errors.TritonUnavailable,)
+RETRY_LATER = (errors.TritonUnavailable, errors.Overloaded, errors.ShuttingDown)
 
 
 def status_of(error: errors.ServiceError | type[errors.ServiceError]) -> int:

@@ -4,7 +4,11 @@ A request carries a JSON list of prompt items in original-image pixels::
 
     [{"points": [[x, y], ...], "labels": [1, 0, ...]},   # 1 foreground, 0 background
      {"box": [x0, y0, x1, y1]},
-     {"points": [[x, y]], "labels": [1], "box": [x0, y0, x1, y1]}]
+     {"points": [[x, y]], "labels": [1], "box": [x0, y0, x1, y1]},
+     {"points": [[x, y], [x, y]], "labels": [1, 0], "mask_id": "9c0e..."}]  # refine
+
+`mask_id` names a mask of an earlier answer (`proxy.mask_store`): its low-resolution logits go
+to the decoder as `mask_input`, as upstream refines with `SamPredictor.predict(mask_input=...)`.
 
 `labels` may be omitted, meaning all points are foreground. Every rejection is a `PromptError`
 whose message names the item and field (``prompts[2].box[3]: ...``), because a 422 that says
@@ -21,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,8 +39,9 @@ from common.contract import (
 )
 from proxy.errors import PromptError
 from proxy.geometry import Size, apply_boxes, apply_coords
+from proxy.mask_store import is_mask_id
 
-PROMPT_FIELDS = ("points", "labels", "box")
+PROMPT_FIELDS = ("points", "labels", "box", "mask_id")
 
 Point = tuple[float, float]
 Box = tuple[float, float, float, float]
@@ -44,11 +49,17 @@ Box = tuple[float, float, float, float]
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    """One validated prompt in original-image pixels."""
+    """One validated prompt in original-image pixels.
+
+    `mask_input` is the previous answer's [256, 256] logits that `mask_id` names, filled in
+    by the service once it has found them.
+    """
 
     points: tuple[Point, ...] = ()
     labels: tuple[int, ...] = ()
     box: Box | None = None
+    mask_id: str | None = None
+    mask_input: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,9 +147,11 @@ def _parse_item(item: Any, where: str, limits: _Limits) -> Prompt:
     points = _parse_points(item.get("points"), f"{where}.points", limits)
     labels = _parse_labels(item.get("labels"), len(points), f"{where}.labels")
     box = _parse_box(item.get("box"), f"{where}.box", limits)
+    mask_id = _parse_mask_id(item.get("mask_id"), f"{where}.mask_id")
     if not points and box is None:
+        # Upstream embeds a mask alone with no point at all; the decoder graph needs one.
         raise PromptError("empty_prompt", 'needs "points" or a "box" (or both)', where)
-    return Prompt(points=points, labels=labels, box=box)
+    return Prompt(points=points, labels=labels, box=box, mask_id=mask_id)
 
 
 def _parse_points(raw: Any, where: str, limits: _Limits) -> tuple[Point, ...]:
@@ -202,6 +215,18 @@ def _parse_box(raw: Any, where: str, limits: _Limits) -> Box | None:
             where,
         )
     return x0, y0, x1, y1
+
+
+def _parse_mask_id(raw: Any, where: str) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not is_mask_id(raw):
+        raise PromptError(
+            "invalid_mask_id",
+            f"must be a mask_id from an earlier answer (32 hex digits), got {_short(raw)}",
+            where,
+        )
+    return raw
 
 
 def _coordinate(raw: Any, where: str, axis: str, allowed: tuple[float, float]) -> float:
@@ -294,3 +319,21 @@ def stack_prompts(
     coords = np.stack([arrays[i][0] for i in indices])
     labels = np.stack([arrays[i][1] for i in indices])
     return coords, labels
+
+
+def stack_mask_inputs(
+    prompts: Sequence[Prompt], indices: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Decoder `mask_input` [P, 1, 256, 256] and `has_mask_input` [P] for one group; (None,
+    None) when no prompt of the group has a previous mask (the gateway then sends one unused
+    mask for all, which lets the decoder share its per-image work between the prompts)."""
+    given = [prompts[i].mask_input for i in indices if prompts[i].mask_input is not None]
+    if not given:
+        return None, None
+    masks = np.zeros((len(indices), 1, *given[0].shape), dtype=np.float32)
+    used = np.zeros(len(indices), dtype=np.float32)
+    for row, index in enumerate(indices):
+        if prompts[index].mask_input is not None:
+            masks[row, 0] = prompts[index].mask_input
+            used[row] = 1
+    return masks, used

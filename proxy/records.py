@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,20 +19,24 @@ def prompt_records(
     image_side: int,
     multimask_output: bool,
     output_format: encodings.OutputFormat,
+    mask_ids: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One prompt's answer ([4, 256, 256] logits, [4] IoU) -> its records, best IoU first.
 
     Tokens as `SamPredictor.predict` picks them (1..3 with multimask, else 0), upsampled to the
-    image as `Sam.postprocess_masks` does.
+    image as `Sam.postprocess_masks` does, one mask at a time through one float plane (a
+    40-megapixel image's three masks would otherwise hold 480 MB of logits at once).
+    `mask_ids`, one per chosen token, go with them.
     """
     chosen_masks, chosen_iou = postprocess.select_masks(low_res[None], iou[None], multimask_output)
-    logits = postprocess.postprocess_masks(
-        chosen_masks[0], input_size, original_size, image_side=image_side
-    )
-    records = [
-        mask_record(mask_logits, float(score), output_format)
-        for mask_logits, score in zip(logits, chosen_iou[0], strict=True)
-    ]
+    logits = np.empty(original_size, dtype=np.float32)
+    records = []
+    for mask, score in zip(chosen_masks[0], chosen_iou[0], strict=True):
+        postprocess.postprocess_mask(mask, input_size, original_size, image_side, out=logits)
+        records.append(mask_record(logits, float(score), output_format))
+    if mask_ids is not None:
+        for record, mask_id in zip(records, mask_ids, strict=True):
+            record["mask_id"] = mask_id
     records.sort(key=lambda record: record["predicted_iou"], reverse=True)
     return records
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class CocoRle(BaseModel):
@@ -23,8 +23,18 @@ class MaskRecord(BaseModel):
     bbox: list[int] = Field(description="[x, y, width, height] in image pixels.")
 
 
+class PromptMaskRecord(MaskRecord):
+    mask_id: str = Field(
+        description=(
+            "Send it back in a prompt item to refine this object with this mask, as "
+            "SamPredictor.predict(mask_input=...) does; kept for a while (LRU)."
+        ),
+        examples=["9c0e5d1f3a7b4c2e8f6a0b1c2d3e4f50"],
+    )
+
+
 class PromptResult(BaseModel):
-    masks: list[MaskRecord] = Field(description="Ranked by predicted IoU, best first.")
+    masks: list[PromptMaskRecord] = Field(description="Ranked by predicted IoU, best first.")
 
 
 class ImageInfo(BaseModel):
@@ -73,4 +83,20 @@ class EverythingResponse(ImageInfo):
     overlay_png: str | None = Field(
         default=None,
         description="With return_overlay=true: base64 PNG of the masks over the image.",
+    )
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details; every error the API returns. Errors may add fields (the
+    offending `field`, a `limit`, the `triton` readiness map, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(examples=["/problems/invalid_box"])
+    title: str = Field(examples=["Unprocessable Content"])
+    status: int = Field(examples=[422])
+    code: str = Field(description="Stable and machine-readable.", examples=["invalid_box"])
+    detail: str = Field(
+        description="For people: what is wrong and where.",
+        examples=["prompts[0].box: corners must be top-left then bottom-right"],
     )

@@ -15,12 +15,12 @@ from typing import TypeVar
 
 import aiohttp
 import numpy as np
-import tritonclient.http.aio as triton_http
 from tritonclient.http import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from common import contract
 from common.settings import Settings
+from proxy.endpoints import EndpointPool
 from proxy.errors import ServiceError, TritonFailed, TritonTimeout, TritonUnavailable
 from proxy.geometry import Size
 from proxy.metrics import ProxyMetrics
@@ -31,8 +31,8 @@ T = TypeVar("T")
 # Triton ~2.5 s (as long as the inference) and the 4 MB embedding ~150 ms. Tensors on a local
 # link travel uncompressed.
 UNCOMPRESSED = {"Accept-Encoding": "identity"}
-# The proxy sends no previous masks: one unused mask input (M = 1) stands for all prompts,
-# which also lets the decoder share its per-image work between them.
+# Without previous masks, one unused mask input (M = 1) stands for all prompts, which also
+# lets the decoder share its per-image work between them.
 NO_MASK_INPUT = np.zeros((1, 1, 1, contract.LOW_RES_SIDE, contract.LOW_RES_SIDE), dtype=np.float32)
 MASK_UNUSED = np.zeros((1, 1), dtype=np.float32)
 # Triton's HTTP statuses that mean "not now": UNAVAILABLE (queue full, model not ready) and
@@ -67,8 +67,12 @@ class TritonGateway:
     def __init__(self, settings: Settings, metrics: ProxyMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.client = triton_http.InferenceServerClient(
-            settings.triton_http_url, conn_timeout=settings.triton_timeout_s
+        # One Triton or several: each call goes to a healthy endpoint (proxy/endpoints.py).
+        self.client = EndpointPool(
+            settings.triton_http_endpoints,
+            settings.triton_timeout_s,
+            settings.triton_health_interval_s,
+            metrics,
         )
         self._image_side: int | None = None
 
@@ -116,15 +120,25 @@ class TritonGateway:
         embedding: np.ndarray,
         point_coords: np.ndarray,
         point_labels: np.ndarray,
+        mask_input: np.ndarray | None = None,
+        has_mask_input: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One image's prompts [P, N] -> low-res logits [P, 4, 256, 256] and IoU [P, 4]."""
+        """One image's prompts [P, N] -> low-res logits [P, 4, 256, 256] and IoU [P, 4].
+
+        `mask_input` [P, 1, 256, 256] and `has_mask_input` [P]: previous masks, where used.
+        """
         model = self.settings.decoder_model
+        if mask_input is None or has_mask_input is None:
+            masks, used = NO_MASK_INPUT, MASK_UNUSED
+        else:
+            masks = mask_input[None].astype(np.float32, copy=False)
+            used = has_mask_input[None].astype(np.float32, copy=False)
         inputs = [
             _input(contract.IMAGE_EMBEDDINGS, embedding[None].astype(np.float32, copy=False)),
             _input(contract.POINT_COORDS, point_coords[None].astype(np.float32, copy=False)),
             _input(contract.POINT_LABELS, point_labels[None].astype(np.float32, copy=False)),
-            _input(contract.MASK_INPUT, NO_MASK_INPUT),
-            _input(contract.HAS_MASK_INPUT, MASK_UNUSED),
+            _input(contract.MASK_INPUT, masks),
+            _input(contract.HAS_MASK_INPUT, used),
         ]
         outputs = [
             InferRequestedOutput(name, binary_data=True) for name in contract.DECODER_OUTPUTS

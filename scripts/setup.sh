@@ -12,7 +12,9 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 # libb64-0d: perf_analyzer (tritonclient 2.51.0 wheel) links against it.
 # docker-compose: the static compose checks in tests/test_docker_files.py (no engine here).
-APT_PACKAGES=(libb64-0d docker-compose)
+# chromium: the browser the web page's tests drive (playwright's own download is unreachable).
+# redis-server: the shared embedding cache's tests run a real one.
+APT_PACKAGES=(libb64-0d docker-compose chromium redis-server)
 missing=()
 for package in "${APT_PACKAGES[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
@@ -22,6 +24,15 @@ if ((${#missing[@]})); then
   [ "$(id -u)" -eq 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# kubectl (with its built-in kustomize) renders the Kubernetes manifests in the tests. This
+# machine image ships it; Debian 12 has no package of it and no other source is reachable
+# from here, so a machine without it stops now rather than halfway through the tests.
+if ! kubectl kustomize --help >/dev/null 2>&1; then
+  echo "setup: kubectl with kustomize (kubectl >= 1.14) is required for tests/test_kubernetes.py;" \
+    "install it from the Kubernetes project's packages and re-run" >&2
+  exit 1
 fi
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"

@@ -7,10 +7,13 @@ while a Python-backend stub it started is still busy.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("serving")
@@ -60,6 +63,24 @@ def kill_process_group(pgid: int) -> list[int]:
     if members:
         log.warning("killed %d leftover process(es) of group %d: %s", len(members), pgid, members)
     return members
+
+
+PR_SET_PDEATHSIG = 1  # prctl option, from linux/prctl.h
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> Callable[[], None]:
+    """A `preexec_fn` that has the kernel send `signum` to the child when its parent dies,
+    even by SIGKILL. (Linux ties this to the thread that started the child: start children
+    from the main thread.)"""
+    parent = os.getpid()
+
+    def arrange() -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signum)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signum)
+
+    return arrange
 
 
 def stop_process(process: subprocess.Popen, timeout_s: float = 30.0) -> int:

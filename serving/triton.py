@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from common.settings import PROJECT_ROOT, Settings, get_settings
-from serving.processes import kill_process_group, stop_process
+from serving.processes import die_with_parent, kill_process_group, stop_process
 
 log = logging.getLogger("triton")
 
@@ -96,6 +97,7 @@ class TritonServer:
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     process: subprocess.Popen | None = None
+    watchdog: subprocess.Popen | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **overrides) -> TritonServer:
@@ -155,6 +157,13 @@ class TritonServer:
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us; we stop Triton ourselves, in order
+            preexec_fn=die_with_parent(signal.SIGKILL),
+        )
+        # Whatever happens to this process, nothing of Triton's group outlives it.
+        self.watchdog = subprocess.Popen(
+            [sys.executable, "-m", "serving.watchdog", str(self.process.pid), str(os.getpid())],
+            cwd=PROJECT_ROOT,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
 
     def is_ready(self) -> bool:
@@ -191,6 +200,8 @@ class TritonServer:
         # A Python-backend stub can outlive its server (seen after client timeouts); the
         # process group holds only what Triton started, so nothing of it may stay behind.
         kill_process_group(self.process.pid)
+        if self.watchdog is not None:
+            stop_process(self.watchdog, 5)
 
     def __enter__(self) -> TritonServer:
         self.start()

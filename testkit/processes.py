@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from common.settings import PROJECT_ROOT, Settings
-from serving.processes import stop_process
+from serving.processes import kill_process_group, proc_stat, stop_process
 from testkit.ports import free_port
 
 
@@ -96,3 +98,119 @@ def proxy_process(
         env=env,
         health_path=health_path,
     )
+
+
+TRITON_PORTS = ("HTTP", "GRPC", "METRICS")
+
+
+class LaunchedStack:
+    """`python -m serving` (what `make run` runs) on free ports: Triton and the proxy,
+    supervised by the launcher. `start()` returns once the proxy's /readyz answers 200."""
+
+    def __init__(
+        self, model_repository: Path, log_path: Path, extra_env: Mapping[str, str] | None = None
+    ) -> None:
+        self.ports = {name: free_port() for name in (*TRITON_PORTS, "PROXY")}
+        self.env = {
+            **os.environ,
+            "MODEL_REPOSITORY": str(model_repository),
+            "PROXY_PORT": str(self.ports["PROXY"]),
+            **{
+                f"TRITON_{port}_PORT": str(self.ports[port]) for port in ("HTTP", "GRPC", "METRICS")
+            },
+            **(extra_env or {}),
+        }
+        self.log_path = log_path
+        self.base_url = f"http://127.0.0.1:{self.ports['PROXY']}"
+        self.runner: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 180) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.runner = subprocess.Popen(
+            [sys.executable, "-m", "serving"],
+            cwd=PROJECT_ROOT,
+            env=self.env,
+            stdout=self.log_path.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_until_ready(timeout_s)
+
+    def wait_until_ready(self, timeout_s: float = 180) -> float:
+        """Seconds until the proxy's /readyz answered 200."""
+        started = time.monotonic()
+        while True:
+            if self.runner.poll() is not None:
+                raise RuntimeError(f"the launcher exited: {self.log_tail()}")
+            if time.monotonic() - started > timeout_s:
+                raise RuntimeError(f"never ready: {self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def triton_pid(self) -> int:
+        """tritonserver's pid, found by its HTTP port."""
+        flag = f"--http-port={self.ports['HTTP']}".encode()
+        for pid in pids():
+            if flag in cmdline(pid).split(b"\0"):
+                return pid
+        raise RuntimeError("no tritonserver with our port")
+
+    def proxy_pid(self) -> int:
+        (pid,) = [pid for pid in self.children() if b"proxy" in cmdline(pid).split(b"\0")]
+        return pid
+
+    def children(self) -> list[int]:
+        return [
+            pid
+            for pid in pids()
+            if (fields := proc_stat(pid)) and int(fields[1]) == self.runner.pid
+        ]
+
+    def stop(self, timeout_s: float = 90) -> int:
+        """SIGTERM, as a user stops `make run`; returns the launcher's exit code."""
+        return stop_process(self.runner, timeout_s)
+
+    def kill(self) -> None:
+        """After a failure: the launcher, its children and its Triton's group."""
+        if self.runner is None or self.runner.poll() is not None:
+            return
+        with contextlib.suppress(RuntimeError, ProcessLookupError):
+            kill_process_group(self.triton_pid())
+        for pid in self.children():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.runner.kill()
+        self.runner.wait()
+
+    def __enter__(self) -> LaunchedStack:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.kill()
+
+
+def pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").glob("[0-9]*")]
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process (VmRSS), or its peak (VmHWM); 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return int(status.split(f"{field}:")[1].split()[0]) / 1024

@@ -84,6 +84,19 @@ def sam(checkpoint_path: Path):
     return load_mobilesam(checkpoint_path)
 
 
+def another_triton(settings: Settings, log_name: str) -> TritonServer:
+    """A Triton (not started) on the session's repository and free ports of its own, for a
+    module that stops it or needs a second one while the session's keeps serving."""
+    return TritonServer.from_settings(
+        settings,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        log_path=BUILD / "logs" / f"{log_name}.log",
+        work_dir=BUILD / "triton",
+    )
+
+
 @pytest.fixture(scope="session")
 def triton_server(settings: Settings, model_repository: Path) -> Iterator[TritonServer]:
     server = TritonServer.from_settings(

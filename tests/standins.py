@@ -47,7 +47,8 @@ class StandInGateway:
     """The service's `ModelGateway`, answering with `encode` and `decode` in process.
 
     `fail` (an exception) makes every model call raise it, as a failing Triton would; the
-    calls are counted per model, like Triton's own statistics.
+    calls are counted per model, like Triton's own statistics, and the mask inputs of each
+    decoder call are kept.
     """
 
     def __init__(
@@ -61,6 +62,7 @@ class StandInGateway:
         self._image_side = image_side
         self.fail: BaseException | None = None
         self.calls = {"encode": 0, "decode": 0}
+        self.mask_inputs: list[tuple[np.ndarray, np.ndarray] | None] = []  # per decode call
 
     async def image_side(self) -> int:
         return self._image_side
@@ -73,9 +75,15 @@ class StandInGateway:
         return self._encode(padded_image, input_size)
 
     async def decode(
-        self, embedding: np.ndarray, point_coords: np.ndarray, point_labels: np.ndarray
+        self,
+        embedding: np.ndarray,
+        point_coords: np.ndarray,
+        point_labels: np.ndarray,
+        mask_input: np.ndarray | None = None,
+        has_mask_input: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         self.calls["decode"] += 1
+        self.mask_inputs.append(None if mask_input is None else (mask_input, has_mask_input))
         if self.fail is not None:
             raise self.fail
         await asyncio.sleep(0)

@@ -30,7 +30,15 @@ ALLOWED = {
 # Within the proxy: the HTTP layer, then the service, then everything else. A module of a
 # lower layer never imports one of a higher layer.
 PROXY_LAYERS = (
-    {"proxy.__main__", "proxy.app", "proxy.routes", "proxy.middleware", "proxy.problems"},
+    {
+        "proxy.__main__",
+        "proxy.app",
+        "proxy.routes",
+        "proxy.middleware",
+        "proxy.problems",
+        "proxy.events",
+        "proxy.page",
+    },
     {"proxy.service"},
 )
 

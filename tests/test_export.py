@@ -22,9 +22,11 @@ from export.verify import ABSOLUTE_TOLERANCE, RELATIVE_TOLERANCE, compare_output
 from testkit.ports import free_port
 
 
-def run_export_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_export_cli(
+    *args: str, env: dict | None = None, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "export", *args],
+        [*(prefix or []), sys.executable, "-m", "export", *args],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -65,26 +67,71 @@ def test_missing_checkpoint_gives_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_corrupt_checkpoint_gives_clear_error(tmp_path: Path) -> None:
+def assert_one_clear_line(result: subprocess.CompletedProcess, words: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("export failed: "), result.stderr
+    assert words in lines[0]
+
+
+def test_a_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "weights").mkdir()
+    result = run_export_cli("--checkpoint", str(tmp_path / "weights"))
+    assert_one_clear_line(result, "is a directory")
+
+
+def test_a_dangling_symlink_is_named_as_such(tmp_path: Path) -> None:
+    link = tmp_path / "mobile_sam.pt"
+    link.symlink_to(tmp_path / "moved-away.pt")
+    result = run_export_cli("--checkpoint", str(link))
+    assert_one_clear_line(result, "broken symbolic link")
+    assert "moved-away.pt" in result.stderr
+
+
+def test_an_unreadable_checkpoint_is_named_as_such(tmp_path: Path) -> None:
+    """Permissions: root reads everything, so the export runs without the capabilities that
+    let it (`setpriv`, util-linux)."""
+    unreadable = tmp_path / "mobile_sam.pt"
+    unreadable.write_bytes(b"weights")
+    unreadable.chmod(0)
+    result = run_export_cli(
+        "--checkpoint",
+        str(unreadable),
+        prefix=["setpriv", "--bounding-set=-dac_override,-dac_read_search"],
+    )
+    assert_one_clear_line(result, "cannot read checkpoint")
+    assert "Permission denied" in result.stderr
+
+
+def export_in_process(capsys, *args: str) -> tuple[int, str]:
+    """`python -m export` as `main` runs it, in this process (torch is already imported
+    here, which a new process would spend seconds on)."""
+    from export.__main__ import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path: Path, capsys) -> None:
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
-    result = run_export_cli(
-        "--checkpoint", str(corrupt), "--model-repository", str(tmp_path / "repo")
+    code, stderr = export_in_process(
+        capsys, "--checkpoint", str(corrupt), "--model-repository", str(tmp_path / "repo")
     )
-    assert result.returncode == 1
-    assert "is not a readable PyTorch checkpoint" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert code == 1
+    assert stderr.startswith("export failed: ") and "is not a readable PyTorch checkpoint" in stderr
 
 
-def test_wrong_architecture_checkpoint_gives_clear_error(tmp_path: Path) -> None:
+def test_wrong_architecture_checkpoint_gives_clear_error(tmp_path: Path, capsys) -> None:
     import torch
 
     other = tmp_path / "other.pt"
     torch.save(torch.nn.Linear(2, 2).state_dict(), other)
-    result = run_export_cli("--checkpoint", str(other), "--model-repository", str(tmp_path))
-    assert result.returncode == 1
-    assert "is not a MobileSAM vit_t checkpoint" in result.stderr
-    assert "Traceback" not in result.stderr
+    code, stderr = export_in_process(
+        capsys, "--checkpoint", str(other), "--model-repository", str(tmp_path)
+    )
+    assert code == 1
+    assert stderr.startswith("export failed: ") and "is not a MobileSAM vit_t checkpoint" in stderr
 
 
 def test_checkpoint_from_environment_variable(tmp_path: Path) -> None:

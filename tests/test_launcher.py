@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -11,13 +12,23 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from common.settings import PROJECT_ROOT
-from serving.processes import PYTHON_BACKEND_SHM_PREFIX, kill_process_group, proc_stat
+from serving.processes import (
+    PYTHON_BACKEND_SHM_PREFIX,
+    kill_process_group,
+    proc_stat,
+    process_group_members,
+)
 from testkit.ports import free_port
+from testkit.processes import LaunchedStack, cmdline
+
+from .test_proxy_api import POINT, png_bytes
 
 
 def _ready(port: int) -> bool:
@@ -34,10 +45,10 @@ def _kill(launcher: subprocess.Popen, triton_http_port: int | str) -> None:
     if launcher.poll() is not None:
         return
     flag = f"--http-port={triton_http_port}".encode()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    for command in Path("/proc").glob("[0-9]*/cmdline"):
         with contextlib.suppress(OSError):
-            if flag in cmdline.read_bytes().split(b"\0"):
-                kill_process_group(int(cmdline.parent.name))
+            if flag in command.read_bytes().split(b"\0"):
+                kill_process_group(int(command.parent.name))
     for entry in Path("/proc").glob("[0-9]*"):
         fields = proc_stat(int(entry.name))
         if fields and int(fields[1]) == launcher.pid:  # a child of the launcher
@@ -84,55 +95,79 @@ def test_launcher_serves_and_stops_cleanly(
         _kill(launcher, ports["HTTP"])
 
 
-def test_make_run_serves_the_proxy_and_stops_both(model_repository, checkpoint_path, tmp_path):
-    """`python -m serving`: Triton, then the proxy; SIGTERM stops both."""
-    import httpx
-
-    from .test_proxy_api import POINT, png_bytes
-
-    ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS", "PROXY")}
-    env = dict(
-        os.environ,
-        MODEL_REPOSITORY=str(model_repository),
-        MOBILESAM_CHECKPOINT=str(checkpoint_path),
-        PROXY_PORT=str(ports["PROXY"]),
-        **{f"TRITON_{name}_PORT": str(ports[name]) for name in ("HTTP", "GRPC", "METRICS")},
+def segment(stack: LaunchedStack, seed: int = 30, **form) -> httpx.Response:
+    form.setdefault("prompts", POINT)
+    return httpx.post(
+        f"{stack.base_url}/segment-image",
+        data=form,
+        files={"file": ("a.png", png_bytes(seed=seed))},
+        timeout=120,
     )
-    log_path = tmp_path / "run.log"
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "serving"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    base_url = f"http://127.0.0.1:{ports['PROXY']}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert runner.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "make run never became ready"
-            try:
-                if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        response = httpx.post(
-            f"{base_url}/segment-image",
-            data={"prompts": POINT},
-            files={"file": ("a.png", png_bytes(seed=30))},
-            timeout=60,
-        )
-        assert response.status_code == 200, response.text
 
-        runner.send_signal(signal.SIGTERM)
-        assert runner.wait(timeout=60) == 0, log_path.read_text()
-        assert not _ready(ports["HTTP"]), "Triton must be stopped"
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{base_url}/healthz", timeout=2)
-    finally:
-        _kill(runner, ports["HTTP"])
+
+@pytest.fixture
+def launched(model_repository, checkpoint_path, tmp_path) -> Iterator[LaunchedStack]:
+    env = {"MOBILESAM_CHECKPOINT": str(checkpoint_path), "DRAIN_TIMEOUT_S": "60"}
+    with LaunchedStack(model_repository, tmp_path / "run.log", env) as stack:
+        yield stack
+
+
+def test_make_run_serves_drains_and_stops_both(launched: LaunchedStack) -> None:
+    """SIGTERM: the request in flight still gets its answer, then Triton and the proxy stop."""
+    assert segment(launched).status_code == 200
+    page = httpx.get(f"{launched.base_url}/", timeout=10)
+    assert page.status_code == 200 and 'src="/static/app.js"' in page.text, "the web page"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # A few seconds of work (a new image: the encoder, then a decoder call of 16
+        # prompts), under way at SIGTERM.
+        in_flight = pool.submit(segment, launched, 31, prompts="", points_per_side="4")
+        time.sleep(1.5)
+        launched.runner.send_signal(signal.SIGTERM)
+        response = in_flight.result()
+    assert response.status_code == 200, response.text
+    assert launched.runner.wait(timeout=90) == 0, launched.log_tail()
+    assert not _ready(launched.ports["HTTP"]), "Triton must be stopped"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{launched.base_url}/healthz", timeout=2)
+
+
+def test_recovery_without_a_person(launched: LaunchedStack) -> None:
+    """kill -9 of Triton, then of the proxy: each comes back by itself. kill -9 of the
+    launcher: nothing of the stack outlives it."""
+    assert segment(launched).status_code == 200
+
+    os.kill(launched.triton_pid(), signal.SIGKILL)
+    killed = time.monotonic()
+    down = httpx.get(f"{launched.base_url}/readyz", timeout=5)
+    while down.status_code == 200 and time.monotonic() - killed < 10:
+        down = httpx.get(f"{launched.base_url}/readyz", timeout=5)
+    assert down.status_code == 503 and int(down.headers["retry-after"]) > 0
+    meanwhile = segment(launched)
+    assert meanwhile.status_code == 503, meanwhile.text
+    assert meanwhile.json()["code"] == "triton_unavailable"
+    recovered = time.monotonic() - killed + launched.wait_until_ready()
+    print(f"ready again {recovered:.1f} s after kill -9 of Triton")
+    assert segment(launched).status_code == 200
+    assert "restarting in" in launched.log_tail()
+
+    os.kill(launched.proxy_pid(), signal.SIGKILL)
+    launched.wait_until_ready()
+    assert segment(launched).status_code == 200
+
+    triton_pid = launched.triton_pid()
+    group = process_group_members(triton_pid)  # tritonserver and its stubs
+    regions = [r for pid in group for r in cmdline(pid).split(b"\0") if b"shm_region" in r]
+    survivors = [*group, *launched.children()]
+    assert len(group) >= 3 and regions
+    launched.runner.kill()
+    launched.runner.wait()
+    deadline = time.monotonic() + 20
+    while (alive := [pid for pid in survivors if proc_stat(pid) is not None]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.25)
+    assert not alive, f"outlived the launcher: {alive}"
+    assert not [r for r in regions if (Path("/dev/shm") / r.decode()).exists()]
 
 
 def test_an_orphaned_stub_and_its_shared_memory_are_reaped() -> None:

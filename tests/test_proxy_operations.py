@@ -11,10 +11,9 @@ import pytest
 
 from common.settings import PROJECT_ROOT, Settings
 from serving.triton import TritonServer
-from testkit.ports import free_port
 from testkit.processes import proxy_process
 
-from .conftest import BUILD
+from .conftest import BUILD, another_triton
 from .test_proxy_api import POINT, assert_problem, png_bytes
 
 
@@ -25,15 +24,7 @@ def segment(client: httpx.Client, data: bytes) -> httpx.Response:
 @pytest.fixture(scope="module")
 def own_triton(settings: Settings, model_repository) -> Iterator[TritonServer]:
     """A Triton of this module's own, so stopping it leaves the session's alone."""
-    server = TritonServer.from_settings(
-        settings,
-        http_port=free_port(),
-        grpc_port=free_port(),
-        metrics_port=free_port(),
-        log_path=BUILD / "logs" / "triton-restart.log",
-        work_dir=BUILD / "triton",
-    )
-    with server:
+    with another_triton(settings, "triton-restart") as server:
         server.wait_ready(120)
         yield server
 

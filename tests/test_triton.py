@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +11,13 @@ import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from common import contract
 from export.verify import DECODER_CASES, PromptCase, compare_outputs, decoder_wire_inputs
 from export.verify import reference_decode as upstream_decode
+from serving.processes import process_group_members
 
-IMAGE_SIZE = 1024
-MASK_SIDE = 256
+IMAGE_SIZE = contract.DEFAULT_IMAGE_SIDE
+MASK_SIDE = contract.LOW_RES_SIDE
 
 
 def _input(name: str, array: np.ndarray) -> httpclient.InferInput:
@@ -29,7 +32,7 @@ def encoder_inputs(images: list[np.ndarray]) -> list[httpclient.InferInput]:
     for i, image in enumerate(images):
         padded[i, : image.shape[0], : image.shape[1]] = image
     sizes = np.array([image.shape[:2] for image in images], dtype=np.int32)
-    return [_input("images", padded), _input("input_size", sizes)]
+    return [_input(contract.IMAGES, padded), _input(contract.INPUT_SIZE, sizes)]
 
 
 def decoder_inputs(
@@ -45,11 +48,11 @@ def decoder_inputs(
     if has_mask is None:
         has_mask = np.zeros((batch, mask_input.shape[1]), dtype=np.float32)
     return [
-        _input("image_embeddings", embeddings.astype(np.float32)),
-        _input("point_coords", coords.astype(np.float32)),
-        _input("point_labels", labels.astype(np.float32)),
-        _input("mask_input", mask_input.astype(np.float32)),
-        _input("has_mask_input", has_mask.astype(np.float32)),
+        _input(contract.IMAGE_EMBEDDINGS, embeddings.astype(np.float32)),
+        _input(contract.POINT_COORDS, coords.astype(np.float32)),
+        _input(contract.POINT_LABELS, labels.astype(np.float32)),
+        _input(contract.MASK_INPUT, mask_input.astype(np.float32)),
+        _input(contract.HAS_MASK_INPUT, has_mask.astype(np.float32)),
     ]
 
 
@@ -96,7 +99,7 @@ def test_both_models_are_ready_on_cpu_with_dynamic_batching(triton_client, setti
 @pytest.mark.parametrize("batch", [1, 2, 4])
 def test_encoder_matches_pytorch(triton_client, settings, images, reference_embeddings, batch):
     result = triton_client.infer(settings.encoder_model, encoder_inputs(images[:batch]))
-    embeddings = result.as_numpy("image_embeddings")
+    embeddings = result.as_numpy(contract.IMAGE_EMBEDDINGS)
     compare_outputs(f"encoder batch {batch}", embeddings, reference_embeddings[:batch])
 
 
@@ -115,8 +118,8 @@ def test_decoder_matches_pytorch(triton_client, settings, sam, reference_embeddi
         decoder_inputs(embedding, coords[None, None], labels[None, None], mask_input, has_mask),
     )
     ref_masks, ref_iou = upstream_decode(sam, torch.as_tensor(embedding), case, mask)
-    compare_outputs("low_res_masks", result.as_numpy("low_res_masks")[0], ref_masks)
-    compare_outputs("iou_predictions", result.as_numpy("iou_predictions")[0], ref_iou)
+    compare_outputs(contract.LOW_RES_MASKS, result.as_numpy(contract.LOW_RES_MASKS)[0], ref_masks)
+    compare_outputs(contract.IOU_PREDICTIONS, result.as_numpy(contract.IOU_PREDICTIONS)[0], ref_iou)
 
 
 def test_decoder_takes_many_prompts_with_one_embedding(
@@ -133,8 +136,8 @@ def test_decoder_takes_many_prompts_with_one_embedding(
         settings.decoder_model,
         decoder_inputs(reference_embeddings[1:2], coords[None], labels[None], mask_input, has_mask),
     )
-    masks = result.as_numpy("low_res_masks")[0]
-    iou = result.as_numpy("iou_predictions")[0]
+    masks = result.as_numpy(contract.LOW_RES_MASKS)[0]
+    iou = result.as_numpy(contract.IOU_PREDICTIONS)[0]
     assert masks.shape == (24, 4, MASK_SIDE, MASK_SIDE) and iou.shape == (24, 4)
     for prompt in (0, 1, 22, 23):
         case = PromptCase("grid point", [tuple(points[prompt, 0])], [1])
@@ -144,6 +147,51 @@ def test_decoder_takes_many_prompts_with_one_embedding(
         )
         compare_outputs(f"prompt {prompt} masks", masks[prompt : prompt + 1], ref_masks)
         compare_outputs(f"prompt {prompt} iou", iou[prompt : prompt + 1], ref_iou)
+
+
+def stub_peak_rss_mb(triton_server, model: str) -> float:
+    """Peak resident memory (VmHWM) of the Python-backend stub serving `model`."""
+    for pid in process_group_members(triton_server.process.pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        if b"triton_python_backend_stub" in command[0] and any(
+            f"/{model}/".encode() in argument for argument in command
+        ):
+            return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    raise AssertionError(f"no Python-backend stub found for {model}")
+
+
+def test_a_large_decoder_request_runs_in_bounded_calls(
+    triton_server, triton_client, settings, reference_embeddings
+):
+    """More prompts than one runtime call may take (max_work_per_run): split, same answers,
+    bounded memory. Unbounded, ONNX Runtime held ~50 MB per prompt of a call."""
+    config = triton_client.get_model_config(settings.decoder_model)
+    per_run = int(config["parameters"]["max_work_per_run"]["string_value"])
+    prompts = 3 * per_run + 5
+    rng = np.random.default_rng(12)
+    points = rng.uniform(0, IMAGE_SIZE, (prompts, 1, 2)).astype(np.float32)
+    coords = np.concatenate([points, np.zeros((prompts, 1, 2), np.float32)], axis=1)
+    labels = np.tile(np.array([1.0, -1.0], np.float32), (prompts, 1))
+    embedding = reference_embeddings[2:3]
+    whole = triton_client.infer(
+        settings.decoder_model, decoder_inputs(embedding, coords[None], labels[None])
+    )
+    for start in range(0, prompts, per_run):  # each part small enough to run unsplit
+        part = slice(start, start + per_run)
+        alone = triton_client.infer(
+            settings.decoder_model,
+            decoder_inputs(embedding, coords[None, part], labels[None, part]),
+        )
+        for name in contract.DECODER_OUTPUTS:
+            np.testing.assert_array_equal(whole.as_numpy(name)[0, part], alone.as_numpy(name)[0])
+    # The measured ~18 MB per prompt of one call, plus the runtime and the outputs.
+    peak = stub_peak_rss_mb(triton_server, settings.decoder_model)
+    print(f"decoder stub peak RSS {peak:.0f} MB after {prompts} prompts in one request")
+    assert peak < 200 + 25 * per_run + 2 * prompts, f"decoder stub peaked at {peak:.0f} MB"
 
 
 def _model_counts(client, model: str) -> tuple[int, int]:
@@ -159,7 +207,7 @@ def test_encoder_batches_concurrent_requests(triton_server, triton_client, setti
         for i in range(requests)
     ]
     for request in pending:
-        assert request.get_result().as_numpy("image_embeddings").shape == (1, 256, 64, 64)
+        assert request.get_result().as_numpy(contract.IMAGE_EMBEDDINGS).shape == (1, 256, 64, 64)
     inferences, executions = _model_counts(triton_client, settings.encoder_model)
     assert inferences - inferences_before == requests
     assert executions - executions_before < requests, "dynamic batching did not batch"
@@ -178,7 +226,7 @@ def test_decoder_batches_concurrent_requests(triton_client, settings, reference_
         )
         for i in range(requests)
     ]
-    singles = [request.get_result().as_numpy("iou_predictions") for request in pending]
+    singles = [request.get_result().as_numpy(contract.IOU_PREDICTIONS) for request in pending]
     inferences, executions = _model_counts(triton_client, settings.decoder_model)
     assert inferences - inferences_before == requests
     assert executions - executions_before < requests, "dynamic batching did not batch"
@@ -186,7 +234,7 @@ def test_decoder_batches_concurrent_requests(triton_client, settings, reference_
     alone = triton_client.infer(
         settings.decoder_model,
         decoder_inputs(reference_embeddings[:1], coords[None, None], labels[None, None]),
-    ).as_numpy("iou_predictions")
+    ).as_numpy(contract.IOU_PREDICTIONS)
     np.testing.assert_allclose(singles[0], alone, atol=1e-5)
 
 
@@ -196,8 +244,11 @@ def test_overload_is_rejected_quickly_not_queued_forever(
     config = triton_client.get_model_config(settings.encoder_model)
     limit = int(config["dynamic_batching"]["default_queue_policy"]["max_queue_size"])
     burst = limit + 2 * config["max_batch_size"] + 6
-    # As many connections as requests, so that the whole burst reaches the server at once.
-    burst_client = httpclient.InferenceServerClient(triton_server.http_url, concurrency=burst)
+    # As many connections as requests, so that the whole burst reaches the server at once; the
+    # accepted ones (a queue and two batches of images) take minutes on a busy machine.
+    burst_client = httpclient.InferenceServerClient(
+        triton_server.http_url, concurrency=burst, network_timeout=600
+    )
     inputs = encoder_inputs([images[0]])
     pending = [burst_client.async_infer(settings.encoder_model, inputs) for _ in range(burst)]
     rejected = 0
@@ -206,6 +257,7 @@ def test_overload_is_rejected_quickly_not_queued_forever(
             request.get_result()
         except InferenceServerException as exc:
             assert "queue" in str(exc).lower(), exc
+            assert exc.status() == "503", "the proxy reads 503 as 'retry later'"
             rejected += 1
     burst_client.close()
     assert rejected > 0, "a burst past max_queue_size must be rejected"

@@ -91,6 +91,15 @@ class AmgParams:
                 "on the last crop layer",
             )
 
+    def decoder_prompts(self) -> int:
+        """Decoder prompts a run asks for: crop layer i has (2**i)**2 crops of
+        (points_per_side / crop_n_points_downscale_factor**i)**2 grid points each. An upper
+        bound (crops too thin to encode, on images a few pixels wide, are skipped)."""
+        return sum(
+            4**layer * int(self.points_per_side / self.crop_n_points_downscale_factor**layer) ** 2
+            for layer in range(self.crop_n_layers + 1)
+        )
+
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> AmgParams:
         """Build from a JSON object; unknown names are an error (a typo must not pass)."""

@@ -11,7 +11,8 @@ stand-in models (a synthetic decoder, upstream's PyTorch networks).
     NMS across crops, small-region clean-up            merge_crops, postprocess_small_regions
 
 Decoder calls are kept `DECODER_WINDOW` deep, so the model computes the next batch while this
-process post-processes the last one. CPU-heavy steps run in worker threads.
+process post-processes the last one. CPU-heavy steps run in worker threads. An optional
+`progress(done, total)` hears how many grid points (of all crops) have been decoded.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from proxy.timings import Timings
 DECODER_WINDOW = 2
 T = TypeVar("T")
 R = TypeVar("R")
+Progress = Callable[[int, int], None]
 
 
 class MaskModel(Protocol):
@@ -58,11 +60,17 @@ async def generate_masks(
     params: AmgParams,
     image_side: int,
     timings: Timings,
+    progress: Progress | None = None,
 ) -> MaskData:
     """Every mask upstream's generator would keep, in its order."""
     workspace = Workspace()
     crops = []
-    for job in crop_plan(original_size, params, image_side):
+    jobs = crop_plan(original_size, params, image_side)
+    total = sum(len(job.points) for job in jobs)
+    done = 0
+    if progress is not None:
+        progress(done, total)
+    for job in jobs:
         entry = await model.crop_embedding(job)
 
         async def decode(points: np.ndarray, job: CropJob = job, entry: CachedImage = entry):
@@ -91,6 +99,9 @@ async def generate_masks(
                             )
                         )
                     )
+                done += len(points)
+                if progress is not None:
+                    progress(done, total)
         crops.append(finish_crop(batches, job.box, params))
     with timings.stage("postprocess"):
         return await to_thread.run_sync(partial(merge_all, crops, params, original_size))

@@ -54,14 +54,24 @@ test: setup lint
 test-fast: setup
 	$(PY) -m pytest -m "not integration"
 
+# docker-compose.yml built and run for real, with podman (no Docker engine or registry here):
+# podman and docker-compose from apt, a Debian 12 base, the three images (tagged `test`, so a
+# user's own images stay), then tests/containers. Not part of `make test`; README, "Docker".
+CONTAINER_TAG := test
+.PHONY: test-containers
+test-containers: setup
+	bash scripts/podman.sh setup
+	IMAGE_TAG=$(CONTAINER_TAG) PY=$(PY) bash scripts/podman.sh build
+	IMAGE_TAG=$(CONTAINER_TAG) $(PY) -m pytest tests/containers
+
 # The README's picture of the web page: the real stack (test checkpoint) in a real browser.
 screenshot: setup
 	WEB_PAGE_SCREENSHOT=$(CURDIR)/docs/web-page.png $(PY) -m pytest -q tests/test_web_page.py -k readme_screenshot
 
 # The small Kubernetes overlay's Triton and proxy pods under `podman kube play`, answering one
-# request (needs the images built from docker/, podman and catatonit; not part of `make test`).
+# request (needs the images of `scripts/podman.sh build`; not part of `make test`).
 k8s-play: setup
-	PYTHONPATH=. $(PY) scripts/k8s_podman_play.py
+	CONTAINERS_CONF=$(CURDIR)/build/podman/containers.conf PYTHONPATH=. $(PY) scripts/k8s_podman_play.py
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

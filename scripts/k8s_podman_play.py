@@ -2,7 +2,8 @@
 `podman kube play`, answer one segmentation request.
 
 No cluster runs here, so this is the closest check of the manifests with the real images
-(`mobilesam-triton/triton:latest` and `mobilesam-triton/proxy:latest`, built from docker/):
+(`mobilesam-triton/triton` and `mobilesam-triton/proxy` of `scripts/podman.sh build`, tag
+IMAGE_TAG or `latest`):
 the containers, commands, variables, probes' paths, volumes and security settings are the
 rendered ones. What podman cannot do like Kubernetes is adapted, and only that:
 
@@ -12,7 +13,11 @@ rendered ones. What podman cannot do like Kubernetes is adapted, and only that:
   (default: the tests' export in build/tests);
 - an emptyDir is a root-owned directory in podman but world-writable in Kubernetes: each one
   becomes a tmpfs volume owned by the image's user (/dev/shm stays memory-backed);
-- the proxy's port is published on 127.0.0.1 only, on a free port.
+- the proxy's port is published on 127.0.0.1 only, on a free port;
+- init containers run before the pod with `podman run --no-healthcheck` and the same command,
+  variables, volumes and security settings: podman 4.3's `kube play` cannot remove an init
+  container whose image has a HEALTHCHECK where there is no systemd ("container state
+  improper").
 
 Needs podman and catatonit (Debian packages); it cleans up the pod and its volumes.
 """
@@ -39,11 +44,18 @@ from common.settings import PROJECT_ROOT
 from testkit.ports import free_port
 
 OVERLAY = PROJECT_ROOT / "deploy" / "kubernetes" / "overlays" / "small"
-IMAGES = ("mobilesam-triton/triton:latest", "mobilesam-triton/proxy:latest")
+IMAGE_TAG = os.environ.get("IMAGE_TAG", "latest")
+IMAGES = {
+    name: f"localhost/{name}:{IMAGE_TAG}"
+    for name in ("mobilesam-triton/triton", "mobilesam-triton/proxy")
+}
 
 
 def run(*command: str, **options) -> subprocess.CompletedProcess:
-    return subprocess.run(command, check=True, text=True, capture_output=True, **options)
+    result = subprocess.run(command, text=True, capture_output=True, **options)
+    if result.returncode != 0:
+        sys.exit(f"k8s-play: {' '.join(command)} failed ({result.returncode}):\n{result.stderr}")
+    return result
 
 
 def image_user(image: str) -> str:
@@ -59,9 +71,10 @@ def rendered() -> list[dict]:
 
 def one_pod(
     objects: list[dict], name: str, proxy_port: int
-) -> tuple[dict, dict, dict[str, dict | None]]:
-    """The Triton and proxy pods as one podman pod; returns the pod, its config map, and its
-    volumes (podman volume name -> the emptyDir it stands for, None for the claim)."""
+) -> tuple[dict, dict, dict[str, dict | None], list[dict]]:
+    """The Triton and proxy pods as one podman pod; returns the pod, its config map, its
+    volumes (podman volume name -> the emptyDir it stands for, None for the claim) and its
+    init containers (run by `run_init_container`)."""
 
     def workload(kind: str, workload_name: str) -> dict:
         return next(
@@ -91,6 +104,8 @@ def one_pod(
                 claim = f"{name}-{volume['persistentVolumeClaim']['claimName']}"
             renamed[volume["name"]] = claim
             volumes[claim] = volume.get("emptyDir")
+        for spec in pod_spec["containers"] + pod_spec.get("initContainers", []):
+            spec["image"] = IMAGES[spec["image"].split(":")[0]]
         for spec in pod_spec["containers"]:
             for mount in spec.get("volumeMounts", []):
                 mount["name"] = renamed[mount["name"]]
@@ -108,14 +123,35 @@ def one_pod(
             "enableServiceLinks": False,
             "securityContext": triton["securityContext"],
             "terminationGracePeriodSeconds": triton["terminationGracePeriodSeconds"],
-            "initContainers": triton.get("initContainers", []),
             "containers": containers,
             "volumes": [
                 {"name": claim, "persistentVolumeClaim": {"claimName": claim}} for claim in volumes
             ],
         },
     }
-    return pod, config_map, volumes
+    return pod, config_map, volumes, triton.get("initContainers", [])
+
+
+def run_init_container(spec: dict, variables: dict[str, str], timeout_s: float) -> None:
+    """The init container as Kubernetes runs it: to completion, before the pod starts."""
+    security = spec.get("securityContext", {})
+    command = ["podman", "run", "--rm", "--no-healthcheck", "--name", spec["name"]]
+    if security.get("readOnlyRootFilesystem"):
+        command.append("--read-only")
+    if security.get("allowPrivilegeEscalation") is False:
+        command += ["--security-opt", "no-new-privileges"]
+    command += [f"--cap-drop={cap}" for cap in security.get("capabilities", {}).get("drop", [])]
+    for key, value in variables.items():
+        command += ["--env", f"{key}={value}"]
+    for mount in spec.get("volumeMounts", []):
+        readonly = ":ro" if mount.get("readOnly") else ""
+        command += ["--volume", f"{mount['name']}:{mount['mountPath']}{readonly}"]
+    command += [spec["image"], *spec.get("command", []), *spec.get("args", [])]
+    try:
+        run(*command, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["podman", "rm", "--force", spec["name"]], capture_output=True)
+        sys.exit(f"k8s-play: init container {spec['name']} did not finish in {timeout_s:.0f} s")
 
 
 def create_volumes(volumes: dict[str, dict | None], repository: Path, owner: str) -> None:
@@ -172,21 +208,25 @@ def main() -> int:
     for tool in ("podman", "kubectl"):
         if shutil.which(tool) is None:
             sys.exit(f"k8s-play: {tool} is not installed")
-    for image in IMAGES:
+    for image in IMAGES.values():
         if subprocess.run(["podman", "image", "exists", image]).returncode != 0:
-            sys.exit(f"k8s-play: image {image} does not exist (build it from docker/ first)")
+            sys.exit(f"k8s-play: image {image} does not exist (scripts/podman.sh build)")
     if not list(args.model_repository.glob("*/1/export.json")):
         sys.exit(f"k8s-play: {args.model_repository} holds no exported models (run the export)")
 
     objects = rendered()
     name = f"mobilesam-play-{os.getpid()}"
     proxy_port = free_port()
-    pod, config_map, volumes = one_pod(objects, name, proxy_port)
+    pod, config_map, volumes, init_containers = one_pod(objects, name, proxy_port)
     with tempfile.TemporaryDirectory() as folder:
         manifest = Path(folder) / "play.yaml"
         manifest.write_text(yaml.safe_dump_all([config_map, pod]))
         try:
-            create_volumes(volumes, args.model_repository, image_user(IMAGES[0]))
+            create_volumes(
+                volumes, args.model_repository, image_user(IMAGES["mobilesam-triton/triton"])
+            )
+            for spec in init_containers:
+                run_init_container(spec, config_map["data"], timeout_s=60)
             run("podman", "kube", "play", str(manifest))
             return request_once(f"http://127.0.0.1:{proxy_port}", args.timeout, name)
         finally:

@@ -31,6 +31,18 @@ CHECKPOINT_SEED = 0
 INTEGRATION_FIXTURES = frozenset({"model_repository", "triton_server", "proxy"})
 
 
+CONTAINER_TESTS = Path(__file__).parent / "containers"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/containers builds and runs the images (`make test-containers`): collected only
+    when named on the command line, never by `make test`."""
+    if collection_path != CONTAINER_TESTS:
+        return None
+    named = [Path(config.invocation_params.dir, arg.split("::")[0]) for arg in config.args]
+    return None if any(p.resolve().is_relative_to(CONTAINER_TESTS) for p in named) else True
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):

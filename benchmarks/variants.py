@@ -137,6 +137,8 @@ class Variant:
     description: str
     configs: dict[str, ModelConfig]
     source: Path = SOURCE_REPOSITORY  # the layout whose config.pbtxt files are edited
+    # Triton's environment on top of ours: PRECISION=bf16 is the fast profile, as deployed.
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def with_changes(self, name: str, description: str, **changes) -> Variant:
         """The same variant with the same knob changes applied to every model."""
@@ -148,12 +150,23 @@ class Variant:
         configs[model] = dataclasses.replace(configs[model], **changes)
         return dataclasses.replace(self, name=name, description=description, configs=configs)
 
+    def with_environment(self, name: str, description: str, **environment: str) -> Variant:
+        return dataclasses.replace(
+            self, name=name, description=description, environment=environment
+        )
+
+    @property
+    def precision(self) -> str:
+        """The profile the proxy in front of this variant must be told (its cache key)."""
+        return self.environment.get("PRECISION", "fp32")
+
     def to_json(self) -> dict:
         return {
             "name": self.name,
             "description": self.description,
             "configs": {m: dataclasses.asdict(c) for m, c in self.configs.items()},
             "source": str(self.source),
+            "environment": self.environment,
         }
 
 

@@ -144,6 +144,17 @@ def batching_variants(run: Run) -> list[Variant]:
             "batching-2x1", "dynamic batching, 2 instances x 1 thread", instances=2, threads=1
         ),
     ]
+    encoder = base.configs[contract.ENCODER_MODEL]
+    if encoder.max_work is not None and encoder.max_work < 4:
+        variants.append(
+            base.with_changes("batching-1x2", "", instances=1, threads=2).with_model(
+                contract.ENCODER_MODEL,
+                "batching-1x2-whole",
+                "dynamic batching, 1 instance x 2 threads, the encoder's batches run whole "
+                "(max_work_per_run 4, not one image per runtime call)",
+                max_work=4,
+            )
+        )
     if run.plan.fourth_cell:
         variants.append(
             base.with_changes(

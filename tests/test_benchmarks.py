@@ -126,6 +126,7 @@ def test_config_edits_round_trip() -> None:
         threads=1,
         runtime="openvino",
         precision="bf16",
+        max_work=4,
     )
 
     result = variants.apply_config(text, edited)

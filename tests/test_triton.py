@@ -228,8 +228,11 @@ def test_overload_is_rejected_quickly_not_queued_forever(
     config = triton_client.get_model_config(settings.encoder_model)
     limit = int(config["dynamic_batching"]["default_queue_policy"]["max_queue_size"])
     burst = limit + 2 * config["max_batch_size"] + 6
-    # As many connections as requests, so that the whole burst reaches the server at once.
-    burst_client = httpclient.InferenceServerClient(triton_server.http_url, concurrency=burst)
+    # As many connections as requests, so that the whole burst reaches the server at once; the
+    # accepted ones (a queue and two batches of images) take minutes on a busy machine.
+    burst_client = httpclient.InferenceServerClient(
+        triton_server.http_url, concurrency=burst, network_timeout=600
+    )
     inputs = encoder_inputs([images[0]])
     pending = [burst_client.async_infer(settings.encoder_model, inputs) for _ in range(burst)]
     rejected = 0

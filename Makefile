@@ -27,7 +27,7 @@ triton: setup
 perf: setup
 	$(PY) -m benchmarks.perf_analyzer
 
-# Benchmarks (about 20 min; bench-quick about 3) -> build/bench/ and BENCHMARKS.md.
+# Benchmarks (about 30 min on 2 quiet cores; bench-quick about 10) -> build/bench/, BENCHMARKS.md.
 bench: setup
 	$(PY) -m benchmarks
 

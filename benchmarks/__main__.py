@@ -6,7 +6,8 @@ Sections, in order (each writes its raw JSON to build/bench/results/ as soon as 
   delay     decoder queue-delay sweep (full run only): picks the delay the next sections use
   batching  dynamic batching off/on x instances x threads, both models (perf_analyzer)
   runtime   ONNX Runtime vs OpenVINO fp32 vs OpenVINO bf16, with mask parity via the proxy
-  e2e       the proxy under load, and the in-process PyTorch baseline side by side
+  int8      the encoder quantized to int8 against fp32 (full run only)
+  e2e       both precision profiles under load, and the in-process PyTorch baseline
 
 Every server is started by this process and stopped on the way out, also on Ctrl-C/SIGTERM.
 """
@@ -18,12 +19,14 @@ import logging
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import analysis, assets, report
+from benchmarks import analysis, assets, int8, report
 from benchmarks.common import (
+    BENCH_DIR,
     LOG_DIR,
     RESULTS_DIR,
     SECTIONS,
@@ -32,10 +35,19 @@ from benchmarks.common import (
     package_versions,
     write_json,
 )
-from benchmarks.e2e import run_end_to_end, runtime_checks
+from benchmarks.e2e import Profile, run_end_to_end, runtime_checks
 from benchmarks.peak import run_in_subprocess
 from benchmarks.plan import PLANS, Plan
-from benchmarks.triton_sweeps import Inputs, Levels, WhileUp, measure_variants
+from benchmarks.triton_sweeps import (
+    READY_TIMEOUT_S,
+    Inputs,
+    Levels,
+    WhileUp,
+    measure_variants,
+    start_variant,
+    warm_up,
+    write_inputs,
+)
 from benchmarks.variants import SOURCE_REPOSITORY, Variant, committed_variant
 from common import contract
 from serving.triton import TritonServer
@@ -65,9 +77,13 @@ class Run:
         write_json(RESULTS_DIR / f"{name}.json", payload)
 
     def measure(
-        self, variants: list[Variant], levels: Levels, while_up: WhileUp | None = None
+        self,
+        variants: list[Variant],
+        levels: Levels,
+        while_up: WhileUp | None = None,
+        rounds: int = 1,
     ) -> list[dict[str, Any]]:
-        records, self.inputs = measure_variants(variants, levels, self.inputs, while_up)
+        records, self.inputs = measure_variants(variants, levels, self.inputs, while_up, rounds)
         return records
 
     def base(self) -> Variant:
@@ -128,6 +144,17 @@ def batching_variants(run: Run) -> list[Variant]:
             "batching-2x1", "dynamic batching, 2 instances x 1 thread", instances=2, threads=1
         ),
     ]
+    encoder = base.configs[contract.ENCODER_MODEL]
+    if encoder.max_work is not None and encoder.max_work < 4:
+        variants.append(
+            base.with_changes("batching-1x2", "", instances=1, threads=2).with_model(
+                contract.ENCODER_MODEL,
+                "batching-1x2-whole",
+                "dynamic batching, 1 instance x 2 threads, the encoder's batches run whole "
+                "(max_work_per_run 4, not one image per runtime call)",
+                max_work=4,
+            )
+        )
     if run.plan.fourth_cell:
         variants.append(
             base.with_changes(
@@ -142,7 +169,7 @@ def batching_variants(run: Run) -> list[Variant]:
 
 
 def run_batching(run: Run) -> None:
-    records = run.measure(batching_variants(run), run.plan.sweep)
+    records = run.measure(batching_variants(run), run.plan.sweep, rounds=run.plan.rounds)
     run.section("batching", {"variants": records, "decoder_delay_us": run.decoder_delay_us})
 
 
@@ -159,23 +186,52 @@ def run_runtime(run: Run) -> None:
     def checks(server: TritonServer, repository: Path) -> dict[str, Any]:
         return runtime_checks(run.plan, server, repository, run.parity_photos, run.pool)
 
-    records = run.measure(variants, run.plan.runtime_sweep, checks)
+    records = run.measure(variants, run.plan.runtime_sweep, checks, rounds=run.plan.rounds)
     parity = analysis.parity_summary(records)
     for record in records:  # the masks were only needed for the comparison
         record.pop("parity_masks", None)
     run.section("runtime", {"variants": records, "parity": parity})
 
 
+def run_int8() -> dict[str, Any]:
+    source = assets.EXPORT_DIR / contract.ENCODER_MODEL / "1" / "model.onnx"
+    result = int8.run_in_subprocess(source, BENCH_DIR / "int8")
+    log.info("int8 encoder: %s", result["median_ms"])
+    return result
+
+
+def fast_profile(base: Variant) -> Variant:
+    """The committed configuration with the fast profile switched on, as it is deployed."""
+    return base.with_environment(
+        "fast", "PRECISION=bf16: the fast profile (OpenVINO bf16)", PRECISION="bf16"
+    )
+
+
 def run_e2e(run: Run) -> None:
-    checkpoint = assets.CHECKPOINT_PATH
-
-    def everything_else(server: TritonServer, repository: Path) -> dict[str, Any]:
-        return run_end_to_end(
-            run.plan, server, repository, run.inputs, run.pool, run.photos, checkpoint
+    variants = [run.committed, fast_profile(run.committed)]
+    with ExitStack() as stack:
+        servers = [start_variant(variant, stack) for variant in variants]
+        for server, _ in servers:
+            server.wait_ready(READY_TIMEOUT_S)
+        run.inputs = run.inputs or write_inputs(servers[0][0].http_url)
+        for server, _ in servers:
+            warm_up(server.http_url, run.inputs)
+        profiles = [
+            Profile(target, variant.precision, server, repository)
+            for target, variant, (server, repository) in zip(
+                ("ours", "ours-fast"), variants, servers, strict=True
+            )
+        ]
+        record = run_end_to_end(
+            run.plan,
+            profiles,
+            run.inputs,
+            run.pool,
+            run.photos,
+            assets.CHECKPOINT_PATH,
+            run.parity_photos,
         )
-
-    (record,) = run.measure([run.committed], Levels(), everything_else)
-    run.section("e2e", record)
+    run.section("e2e", {**run.committed.to_json(), "fast": variants[1].to_json(), **record})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -250,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             "delay": lambda: run_delay(run) if plan.queue_delays_us else None,
             "batching": lambda: run_batching(run),
             "runtime": lambda: run_runtime(run),
+            "int8": lambda: run.section("int8", run_int8()) if plan.int8 else None,
             "e2e": lambda: run_e2e(run),
         }
         for name in SECTIONS:

@@ -17,6 +17,8 @@ import logging
 import sys
 import time
 import urllib.request
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from benchmarks.common import LOG_DIR
 from benchmarks.loadgen import RequestFactory, run_load
 from benchmarks.plan import EverythingCase, Load, Plan
 from benchmarks.triton_sweeps import Inputs, Levels, run_levels
+from common import contract
 from common.settings import Settings, get_settings
 from serving.triton import TritonServer
 from testkit.ports import free_port
@@ -175,41 +178,43 @@ def segment_everything(base_url: str, upload: Upload, case: EverythingCase) -> d
 
 
 def compare_everything(
-    cases: tuple[EverythingCase, ...],
-    proxy_url: str,
-    baseline_url: str,
-    stream: workloads.ColdStream,
-    triton_url: str,
+    cases: tuple[EverythingCase, ...], profiles: list[Profile], baseline_url: str
 ) -> list[dict[str, Any]]:
-    """Each case on one cold image: ours (with Triton's split of it), then upstream's."""
+    """Each case on one cold image: ours in each profile (with Triton's split of it), then
+    upstream's."""
     rows = []
     for case in cases:
-        upload = stream.next()
-        before = triton_stats(triton_url)
-        ours = segment_everything(proxy_url, upload, case)
-        triton = stats_delta(before, triton_stats(triton_url), 1)
-        time.sleep(SETTLE_S)
-        upstream = segment_everything(baseline_url, upload, case)
-        log.info("everything %-18s ours %s  upstream %s", case.name, ours, upstream)
-        rows.append(
-            {
-                "name": case.name,
-                "settings": case.settings,
-                "prompts": case.prompts,
-                "image": {"name": upload.name, "width": upload.width, "height": upload.height},
-                "ours": ours,
-                "upstream": upstream,
-                "triton": triton,
-            }
-        )
+        uploads = [profile.stream.next() for profile in profiles]  # the same image for each
+        upload = uploads[0]
+        row: dict[str, Any] = {
+            "name": case.name,
+            "settings": case.settings,
+            "prompts": case.prompts,
+            "image": {"name": upload.name, "width": upload.width, "height": upload.height},
+        }
+        for profile in profiles:
+            url = profile.server.http_url
+            before = triton_stats(url)
+            ours = segment_everything(profile.proxy.base_url, upload, case)
+            suffix = "" if profile is profiles[0] else "_fast"
+            row[f"ours{suffix}"] = ours
+            row[f"triton{suffix}"] = stats_delta(before, triton_stats(url), 1)
+            time.sleep(SETTLE_S)
+        row["upstream"] = segment_everything(baseline_url, upload, case)
+        log.info("everything %-18s %s", case.name, {k: v for k, v in row.items() if k != "image"})
+        rows.append(row)
         time.sleep(SETTLE_S)
     return rows
 
 
-def proxy_settings(server: TritonServer, repository: Path) -> Settings:
+def proxy_settings(server: TritonServer, repository: Path, precision: str = "fp32") -> Settings:
     """The settings of a proxy in front of `server`, serving `repository`."""
     return get_settings().model_copy(
-        update={"triton_http_port": server.http_port, "model_repository": repository}
+        update={
+            "triton_http_port": server.http_port,
+            "model_repository": repository,
+            "precision": precision,
+        }
     )
 
 
@@ -231,52 +236,106 @@ def baseline_process(checkpoint: Path) -> ServerProcess:
     )
 
 
+@dataclass
+class Profile:
+    """One precision profile under test: its Triton, and the load generator's name for it."""
+
+    target: str  # "ours" (the default profile) or "ours-fast"
+    precision: str
+    server: TritonServer
+    repository: Path
+    proxy: ServerProcess | None = None
+    stream: workloads.ColdStream | None = None
+
+
+# Segment everything on these photographs measures the fast profile's quality (small ones:
+# every mask is compared with every other).
+QUALITY_PHOTOS = ("landscape-png", "portrait-jpeg", "grayscale-png", "rgba-png")
+
+
+def quality(profiles: list[Profile], parity_photos: list[Upload]) -> dict[str, Any]:
+    """The fast profile's masks against the default's on real photographs: prompted masks
+    (IoU distribution, score differences) and segment everything (fp32 masks matched)."""
+    from benchmarks.parity import collect_masks, compare, everything_masks, match_everything
+    from benchmarks.plan import MANY_MASKS
+
+    default, fast = profiles
+    prompted = compare(
+        collect_masks(default.proxy.base_url, parity_photos),
+        collect_masks(fast.proxy.base_url, parity_photos),
+    )
+    photos = [u for u in parity_photos if u.name in QUALITY_PHOTOS]
+    reference, candidate = [], []
+    for upload in photos:
+        reference += everything_masks(default.proxy.base_url, upload, MANY_MASKS)
+        candidate += everything_masks(fast.proxy.base_url, upload, MANY_MASKS)
+    return {
+        "prompted": prompted,
+        "everything": {**match_everything(reference, candidate), "settings": MANY_MASKS},
+        "reference": default.precision,
+        "candidate": fast.precision,
+    }
+
+
 def run_end_to_end(
     plan: Plan,
-    server: TritonServer,
-    repository: Path,
+    profiles: list[Profile],
     inputs: Inputs,
     pool: list[Upload],
     photos: list[Upload],
     checkpoint: Path,
+    parity_photos: list[Upload],
 ) -> dict[str, Any]:
-    """Everything measured against one running Triton (the product configuration)."""
-    compute = run_levels(
-        server,
-        "e2e-compute",
-        inputs,
-        Levels(
-            encoder=(1,),
-            decoder=(1,),
-            encoder_window=plan.compute_window,
-            decoder_window=4 * plan.compute_window,
-        ),
-        repository.parent.parent / "perf" / "e2e-compute",
-    )
-    record: dict[str, Any] = {"compute": compute, "ours": [], "baseline": []}
-    # Ours and the baseline get the same sequence of images (ours must never repeat one).
-    ours_stream = workloads.ColdStream(pool)
+    """Everything measured against the running Tritons of each profile, the default first.
+
+    Every workload alternates level by level between the profiles (and, for cold requests and
+    segment everything, the PyTorch baseline), so that their ratios are side by side.
+    """
+    record: dict[str, Any] = {"baseline": [], "compute_by_target": {}, "profiles": {}}
+    for profile in profiles:
+        record["compute_by_target"][profile.target] = run_levels(
+            profile.server,
+            f"e2e-compute-{profile.target}",
+            inputs,
+            Levels(
+                encoder=(1,),
+                decoder=(1,),
+                encoder_window=plan.compute_window,
+                decoder_window=4 * plan.compute_window,
+            ),
+            profile.repository.parent.parent / "perf" / f"e2e-compute-{profile.target}",
+        )
+        record[profile.target] = []
+        record["profiles"][profile.target] = profile.precision
+    record["compute"] = record["compute_by_target"][profiles[0].target]
+    # Every proxy and the baseline get the same sequence of images (none repeats one).
     baseline_stream = workloads.ColdStream(pool)
     reprompt_photo = photos[1 % len(photos)]
-    with (
-        proxy_process(
-            proxy_settings(server, repository), LOG_DIR / "proxy-e2e.log", health_path="/readyz"
-        ) as proxy,
-        baseline_process(checkpoint) as baseline,
-    ):
-        warm(proxy.base_url, workloads.cold(ours_stream), plan.warmup_requests)
+    with ExitStack() as stack:
+        for profile in profiles:
+            profile.proxy = stack.enter_context(
+                proxy_process(
+                    proxy_settings(profile.server, profile.repository, profile.precision),
+                    LOG_DIR / f"proxy-e2e-{profile.target}.log",
+                    health_path="/readyz",
+                )
+            )
+            profile.stream = workloads.ColdStream(pool)
+            warm(profile.proxy.base_url, workloads.cold(profile.stream), plan.warmup_requests)
+        baseline = stack.enter_context(baseline_process(checkpoint))
         warm(baseline.base_url, workloads.cold(baseline_stream), plan.warmup_requests)
         for level in plan.cold.levels:
-            record["ours"] += load_levels(
-                proxy.base_url,
-                "ours",
-                "cold",
-                workloads.cold(ours_stream),
-                plan.cold,
-                (level,),
-                triton_url=server.http_url,
-            )
-            time.sleep(SETTLE_S)
+            for profile in profiles:
+                record[profile.target] += load_levels(
+                    profile.proxy.base_url,
+                    profile.target,
+                    "cold",
+                    workloads.cold(profile.stream),
+                    plan.cold,
+                    (level,),
+                    triton_url=profile.server.http_url,
+                )
+                time.sleep(SETTLE_S)
             if level in plan.baseline.levels:
                 record["baseline"] += load_levels(
                     baseline.base_url,
@@ -287,26 +346,32 @@ def run_end_to_end(
                     (level,),
                 )
                 time.sleep(SETTLE_S)
-        record["everything"] = compare_everything(
-            plan.everything, proxy.base_url, baseline.base_url, ours_stream, server.http_url
-        )
+        record["everything"] = compare_everything(plan.everything, profiles, baseline.base_url)
         baseline.stop()  # done with it: the remaining workloads are ours alone
 
-        image_id = embed(proxy.base_url, reprompt_photo)
+        if len(profiles) > 1 and plan.parity:
+            record["quality"] = quality(profiles, parity_photos)
         size = (reprompt_photo.width, reprompt_photo.height)
-        reprompt = workloads.cached(image_id, *size)
-        warm(proxy.base_url, reprompt, plan.warmup_requests)
-        record["ours"] += load_levels(
-            proxy.base_url, "ours", "cached", reprompt, plan.cached, triton_url=server.http_url
-        )
-        record["ours"] += load_levels(
-            proxy.base_url,
-            "ours",
-            "multi",
-            workloads.multi(image_id, *size),
-            plan.multi,
-            triton_url=server.http_url,
-        )
+        factories = {}
+        for profile in profiles:
+            image_id = embed(profile.proxy.base_url, reprompt_photo)
+            factories[profile.target] = (
+                workloads.cached(image_id, *size),
+                workloads.multi(image_id, *size),
+            )
+            warm(profile.proxy.base_url, factories[profile.target][0], plan.warmup_requests)
+        for workload, load, which in (("cached", plan.cached, 0), ("multi", plan.multi, 1)):
+            for level in load.levels:
+                for profile in profiles:
+                    record[profile.target] += load_levels(
+                        profile.proxy.base_url,
+                        profile.target,
+                        workload,
+                        factories[profile.target][which],
+                        load,
+                        (level,),
+                        triton_url=profile.server.http_url,
+                    )
         record["reprompt_image"] = {
             "name": reprompt_photo.name,
             "width": size[0],
@@ -321,7 +386,7 @@ def runtime_checks(
     """On a runtime variant: masks for the parity figure, then a few cold requests at c=4."""
     from benchmarks.parity import collect_masks
 
-    record: dict[str, Any] = {}
+    record: dict[str, Any] = {"decoder_memory": decoder_memory(server)}
     with proxy_process(
         proxy_settings(server, repository),
         LOG_DIR / f"proxy-{repository.name}.log",
@@ -336,3 +401,44 @@ def runtime_checks(
                 proxy.base_url, "ours", "cold", workloads.cold(stream), plan.runtime_e2e
             )
     return record
+
+
+def decoder_memory(server: TritonServer) -> dict[str, Any]:
+    """The decoder stub's peak memory after one call of `max_work_per_run` prompts (the most
+    a runtime call gets), against its peak before: what a prompt of a call holds."""
+    import numpy as np
+    import tritonclient.http as httpclient
+
+    from testkit.processes import stub_peak_rss_mb
+
+    settings = get_settings()
+    model = settings.decoder_model
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=600)
+    try:
+        config = client.get_model_config(model)
+        prompts = int(config["parameters"]["max_work_per_run"]["string_value"])
+        rng = np.random.default_rng(0)
+        points = rng.uniform(0, 1024, (1, prompts, 1, 2)).astype(np.float32)
+        arrays = {
+            contract.IMAGE_EMBEDDINGS: rng.normal(0, 0.5, (1, 256, 64, 64)).astype(np.float32),
+            contract.POINT_COORDS: np.concatenate([points, np.zeros_like(points)], axis=2),
+            contract.POINT_LABELS: np.tile(np.array([1.0, -1.0], np.float32), (1, prompts, 1)),
+            contract.MASK_INPUT: np.zeros((1, 1, 1, 256, 256), np.float32),
+            contract.HAS_MASK_INPUT: np.zeros((1, 1), np.float32),
+        }
+        tensors = []
+        for name, array in arrays.items():
+            tensor = httpclient.InferInput(name, list(array.shape), "FP32")
+            tensor.set_data_from_numpy(array, binary_data=True)
+            tensors.append(tensor)
+        before = stub_peak_rss_mb(server.process.pid, model)
+        client.infer(model, tensors)
+        after = stub_peak_rss_mb(server.process.pid, model)
+    finally:
+        client.close()
+    return {
+        "prompts": prompts,
+        "peak_before_mb": round(before, 1),
+        "peak_after_mb": round(after, 1),
+        "per_prompt_mb": round((after - before) / prompts, 1),
+    }

@@ -79,3 +79,49 @@ def compare(reference: list[dict], candidate: list[dict]) -> dict[str, Any]:
         "iou_p5": percentile(ious, 5) if ious else None,
         "score_diff_max": max(score_diffs) if score_diffs else None,
     }
+
+
+def everything_masks(
+    base_url: str, upload: Upload, settings: dict[str, float], timeout_s: float = 600
+) -> list[dict]:
+    """Segment everything on one photo: its masks (COCO RLE) as the API returns them."""
+    response = httpx.post(
+        f"{base_url}{SEGMENT}",
+        data={name: str(value) for name, value in settings.items()},
+        files={"file": (upload.name, upload.data, upload.content_type)},
+        timeout=timeout_s,
+    )
+    response.raise_for_status()
+    return [{"photo": upload.name, **mask} for mask in response.json()["masks"]]
+
+
+def match_everything(
+    reference: list[dict], candidate: list[dict], threshold: float = 0.9
+) -> dict[str, Any]:
+    """The share of reference masks that some candidate mask of the same photo matches at
+    IoU >= `threshold` (each candidate used once, best pairs first), and the counts."""
+    matched = 0
+    for photo in sorted({record["photo"] for record in reference}):
+        ours = [_decode(r["segmentation"]) for r in reference if r["photo"] == photo]
+        theirs = [_decode(r["segmentation"]) for r in candidate if r["photo"] == photo]
+        pairs = sorted(
+            ((mask_iou(a, b), i, j) for i, a in enumerate(ours) for j, b in enumerate(theirs)),
+            reverse=True,
+        )
+        used_ref: set[int] = set()
+        used_cand: set[int] = set()
+        for iou, i, j in pairs:
+            if iou < threshold:
+                break
+            if i not in used_ref and j not in used_cand:
+                used_ref.add(i)
+                used_cand.add(j)
+        matched += len(used_ref)
+    return {
+        "threshold": threshold,
+        "reference_masks": len(reference),
+        "candidate_masks": len(candidate),
+        "matched": matched,
+        "share": matched / len(reference) if reference else None,
+        "photos": len({record["photo"] for record in reference}),
+    }

@@ -56,17 +56,23 @@ def perf_table(variants: list[dict[str, Any]], role: str) -> str:
     rows = []
     for record in variants:
         for row in perf_rows(record, role):
+            throughput, compute = f"{row['throughput']:.2f}", _ms(compute_ms(row))
+            if row.get("trials", 1) > 1:  # median, and the range over the alternating trials
+                low, high = row["throughput_range"]
+                throughput += f" ({low:.2f}-{high:.2f})"
+                low, high = row["compute_range"]
+                compute += f" ({_ms(low)}-{_ms(high)})"
             rows.append(
                 [
                     record["name"],
                     row["concurrency"],
-                    f"{row['throughput']:.2f}",
+                    throughput,
                     f"{row.get('avg_batch') or 1:.2f}",
                     _ms(row["latency_p50_ms"]),
                     _ms(row["latency_p95_ms"]),
                     _ms(row["latency_p99_ms"]),
                     _ms(row["server_queue_ms"]),
-                    _ms(compute_ms(row)),
+                    compute,
                 ]
             )
         for row in record.get("results", []):
@@ -205,9 +211,26 @@ def peak_section(results: dict[str, Any]) -> list[str]:
     first = peak["measurements"][0]
     libraries = "; ".join(f"{k}: {v}" for k, v in first.get("libraries", {}).items())
     side = first.get("matmul_side")
+    for precision in ("fp32", "bf16"):
+        theory = analysis.theoretical_gflops(peak, precision)
+        if theory:
+            rows.append(["CPU", precision, f"theoretical: {theory[1]}", f"{theory[0]:.0f}"])
+    removed = first.get("openblas_coretype_removed")
+    bf16 = "bf16 is measured where the CPU has bf16 arithmetic" + (
+        "."
+        if analysis.computes_bf16(peak)
+        else "; this one has none (OpenVINO lists "
+        + ", ".join(first.get("cpu_capabilities", []) or ["?"])
+        + "), so bf16 configurations compute fp32 here and are compared with the fp32 peak."
+    )
     out += [
         f"Square {side}x{side} matmuls, best of five trials, {first.get('threads')} threads, "
-        f"at the start and the end of the run ({libraries}).",
+        f"at the start and the end of the run ({libraries}). numpy runs with "
+        "`OPENBLAS_CORETYPE` removed from its environment"
+        + (f" (this machine set it to `{removed}`)" if removed else " (it was not set)")
+        + f", its kernels as threadpoolctl reports them. {bf16} Every share of peak below "
+        "is against the best measured figure of any library at that precision; the "
+        "theoretical peak is the CPU's own arithmetic at its reported clock.",
         "",
         table(["when", "precision", "library", "GFLOP/s"], rows),
         "",
@@ -219,7 +242,9 @@ def peak_section(results: dict[str, Any]) -> list[str]:
     for record in (runtime or {}).get("variants", []):
         config = record["configs"][contract.ENCODER_MODEL]
         fastest = analysis.best_encoder_compute(results, config)
-        best = analysis.peak_gflops(peak, config["precision"])
+        precision = analysis.effective_precision(peak, config["precision"])
+        best = analysis.peak_gflops(peak, precision)
+        theory = analysis.theoretical_gflops(peak, precision)
         if fastest and best:
             achieved = gflop / (fastest[0] / 1000)
             eff_rows.append(
@@ -228,8 +253,9 @@ def peak_section(results: dict[str, Any]) -> list[str]:
                     _ms(fastest[0]),
                     fastest[1],
                     f"{achieved:.0f}",
-                    f"{best[0]:.0f} ({config['precision']}, {best[1]})",
+                    f"{best[0]:.0f} ({precision}, {best[1]})",
                     f"{achieved / best[0]:.0%}",
+                    f"{achieved / theory[0]:.0%}" if theory else "-",
                 ]
             )
     out += [
@@ -239,7 +265,15 @@ def peak_section(results: dict[str, Any]) -> list[str]:
         "too, and other tenants only ever slow either down):",
         "",
         table(
-            ["variant", "compute ms", "measured in", "GFLOP/s", "peak GFLOP/s", "share of peak"],
+            [
+                "variant",
+                "compute ms",
+                "measured in",
+                "GFLOP/s",
+                "best measured peak",
+                "share of it",
+                "share of theoretical",
+            ],
             eff_rows,
         )
         if eff_rows
@@ -259,7 +293,9 @@ def batching_section(
         "## Triton: dynamic batching x instances x threads",
         "",
         "The three-way comparison of Triton's dynamic-batching tutorial (no batching; "
-        "batching; batching with several instances), plus no batching with two instances. "
+        "batching; batching with several instances), plus, for the encoder, its batches run "
+        "whole instead of one image per runtime call; every level in alternating rounds "
+        "(median, and the range over the rounds in brackets). "
         "Instances x threads is kept at 2 (the cores). Decoder requests are one click "
         "(P=1, N=2) on one image's embedding; encoder requests are a 1024x768 and a 768x1024 "
         "image, padded. Queue and compute are Triton's own averages; p50/p95/p99 are "
@@ -331,8 +367,9 @@ def runtime_section(
         "## Runtime and precision",
         "",
         "The same ONNX files under ONNX Runtime and OpenVINO (fp32), and OpenVINO with the "
-        "bf16 inference-precision hint (AVX512-BF16 on this CPU); batching and instances as "
-        'committed. bf16 is opt-in (`precision: "bf16"` in a model\'s `parameters`).',
+        "bf16 inference-precision hint (what `PRECISION=bf16` selects); batching and instances "
+        "as committed, each level measured in alternating trials (median, and the range over "
+        "the trials in brackets).",
         "",
         "**Encoder**",
         "",
@@ -344,6 +381,28 @@ def runtime_section(
         "",
         _image(plots.runtime_bars(section, plots_dir / "runtime.png"), "runtimes", report_path),
     ]
+    memory_rows = [
+        [
+            record["name"],
+            record["decoder_memory"]["prompts"],
+            _ms(record["decoder_memory"]["peak_before_mb"]),
+            _ms(record["decoder_memory"]["peak_after_mb"]),
+            f"{record['decoder_memory']['per_prompt_mb']:.1f}",
+        ]
+        for record in variants
+        if record.get("decoder_memory")
+    ]
+    if memory_rows:
+        out += [
+            "**Decoder memory** (the decoder stub's peak resident memory before and after one "
+            "call of `max_work_per_run` prompts, the most one runtime call gets):",
+            "",
+            table(
+                ["variant", "prompts", "peak before MB", "peak after MB", "MB per prompt"],
+                memory_rows,
+            ),
+            "",
+        ]
     comparisons = section.get("parity", {}).get("comparisons", [])
     if comparisons:
         rows = [
@@ -379,6 +438,7 @@ def runtime_section(
             ),
             "",
         ]
+    out += int8_paragraph(results.get("int8"))
     e2e_rows = []
     for record in variants:
         for row in record.get("e2e", []):
@@ -402,6 +462,35 @@ def runtime_section(
     return out
 
 
+def int8_paragraph(found: dict[str, Any] | None) -> list[str]:
+    """The int8 encoder against fp32, and whether that earns it a place in the fast profile."""
+    if not found:
+        return []
+    fp32, int8 = found["median_ms"]["fp32"], found["median_ms"]["int8"]
+    faster = fp32 / int8
+    reasons = []
+    if faster < 1 + analysis.NOISE:
+        reasons.append(f"it is not faster ({faster:.2f}x)")
+    if found["relative_mean_error"] > 0.05:
+        reasons.append(f"it moves the embeddings by {found['relative_mean_error']:.0%} on average")
+    verdict = (
+        "so the fast profile does not use it: " + " and ".join(reasons)
+        if reasons
+        else "fast and close enough to consider for the fast profile"
+    )
+    return [
+        f"**int8** (the encoder quantized statically: ONNX Runtime's quantizer, QDQ, weights "
+        f"int8 per channel, activations uint8, calibrated on {found['calibration_photos']} real "
+        f"photographs; both files run by OpenVINO in {found['trials']} alternating trials; the "
+        f"CPU offers {', '.join(found['capabilities'])}): int8 {int8:.0f} ms vs fp32 "
+        f"{fp32:.0f} ms per image (medians; trials {found['ms']['int8']} vs "
+        f"{found['ms']['fp32']} ms), embeddings' mean absolute error "
+        f"{found['relative_mean_error']:.1%} of their mean magnitude (max "
+        f"{found['max_abs_error']:.2f}); {verdict}.",
+        "",
+    ]
+
+
 def _load_table(rows: list[dict[str, Any]]) -> str:
     body = []
     for row in rows:
@@ -409,7 +498,7 @@ def _load_table(rows: list[dict[str, Any]]) -> str:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(row["errors"].items())) or "0"
         body.append(
             [
-                row["workload"],
+                row["workload"] + (" (fast)" if row.get("target") == "ours-fast" else ""),
                 row["concurrency"],
                 f"{row['throughput']:.2f}",
                 _ms(lat.get("p50")),
@@ -450,27 +539,44 @@ def e2e_section(
         "so the cache cannot hit).",
         "",
     ]
-    compute = {row["role"]: row for row in e2e.get("compute", []) if "error" not in row}
-    if compute:
+    fast = e2e.get("fast")
+    if fast:
         out += [
-            "Compute alone on the same Triton, concurrency 1 (perf_analyzer): "
-            + ", ".join(f"{role} {_ms(compute_ms(row))} ms" for role, row in compute.items())
-            + ".",
+            f"The fast profile is the same repository served by a second Triton started with "
+            f"`{' '.join(f'{k}={v}' for k, v in fast.get('environment', {}).items())}` (what "
+            "`PRECISION=bf16 make run` does), behind its own proxy; every workload alternates "
+            "level by level between the two profiles.",
             "",
         ]
+    compute_by_target = e2e.get("compute_by_target") or {"ours": e2e.get("compute", [])}
+    for target, rows in compute_by_target.items():
+        compute = {row["role"]: row for row in rows if "error" not in row}
+        if compute:
+            out += [
+                f"Compute alone on the {PROFILE_NAMES.get(target, target)} profile's Triton, "
+                "concurrency 1 (perf_analyzer): "
+                + ", ".join(f"{role} {_ms(compute_ms(row))} ms" for role, row in compute.items())
+                + ".",
+                "",
+            ]
     ours_cold = [r for r in e2e.get("ours", []) if r["workload"] == "cold"]
+    fast_cold = [r for r in e2e.get("ours-fast", []) if r["workload"] == "cold"]
     base_cold = e2e.get("baseline", [])
     ratio_rows = []
     for row in ours_cold:
         base = load_row(e2e, "baseline", "cold", row["concurrency"])
-        if base:
+        quick = load_row(e2e, "ours-fast", "cold", row["concurrency"])
+        if base and base["throughput"]:
             ratio_rows.append(
                 [
                     row["concurrency"],
                     f"{row['throughput']:.2f}",
+                    f"{quick['throughput']:.2f}" if quick else "-",
                     f"{base['throughput']:.2f}",
-                    f"{row['throughput'] / base['throughput']:.2f}x" if base["throughput"] else "-",
+                    f"{row['throughput'] / base['throughput']:.2f}x",
+                    f"{quick['throughput'] / base['throughput']:.2f}x" if quick else "-",
                     _ms(row["latency_ms"].get("p50")),
+                    _ms(quick["latency_ms"].get("p50")) if quick else "-",
                     _ms(base["latency_ms"].get("p50")),
                 ]
             )
@@ -484,13 +590,23 @@ def e2e_section(
         "servers.",
         "",
         table(
-            ["conc.", "ours req/s", "baseline req/s", "ratio", "ours p50 ms", "baseline p50 ms"],
+            [
+                "conc.",
+                "default req/s",
+                "fast req/s",
+                "baseline req/s",
+                "default ratio",
+                "fast ratio",
+                "default p50 ms",
+                "fast p50 ms",
+                "baseline p50 ms",
+            ],
             ratio_rows,
         ),
         "",
         "Ours:",
         "",
-        _load_table(ours_cold),
+        _load_table(ours_cold + fast_cold),
         "",
         "Baseline:",
         "",
@@ -499,7 +615,9 @@ def e2e_section(
         _image(plots.e2e_cold(e2e, plots_dir / "e2e_cold.png"), "cold requests", report_path),
     ]
     out += everything_section(e2e, results.get("peak"))
-    others = [r for r in e2e.get("ours", []) if r["workload"] != "cold"]
+    out += quality_section(e2e)
+    others = [r for r in e2e.get("ours", []) + e2e.get("ours-fast", []) if r["workload"] != "cold"]
+    others.sort(key=lambda r: (r["workload"], r["concurrency"], r.get("target", "")))
     image = e2e.get("reprompt_image", {})
     out += [
         "### Workloads",
@@ -513,12 +631,12 @@ def e2e_section(
         "",
     ]
     stage_rows = []
-    for row in e2e.get("ours", []):
+    for row in e2e.get("ours", []) + e2e.get("ours-fast", []):
         if row["concurrency"] == 1 and row.get("stage_ms"):
             stages = row["stage_ms"]
             stage_rows.append(
                 [
-                    row["workload"],
+                    row["workload"] + (" (fast)" if row.get("target") == "ours-fast" else ""),
                     *(
                         _ms(stages.get(k))
                         for k in (
@@ -572,22 +690,28 @@ def everything_section(e2e: dict[str, Any], peak: dict[str, Any] | None) -> list
         return [*out, "Not measured in this run.", ""]
     table_rows = []
     for row in rows:
-        ours_s, ours_n = _everything_side(row["ours"])
         upstream_s, upstream_n = _everything_side(row["upstream"])
-        both = row["ours"].get("status") == 200 and row["upstream"].get("status") == 200
         settings = ", ".join(f"{k}={v}" for k, v in row["settings"].items()) or "defaults"
-        table_rows.append(
-            [
-                f"{row['name']} ({settings})",
-                row["prompts"],
-                ours_s,
-                upstream_s,
-                f"{row['upstream']['ms'] / row['ours']['ms']:.2f}x" if both else "-",
-                ours_n,
-                upstream_n,
-                f"{everything_decoder_s(row):.1f}",
-            ]
-        )
+        for suffix, profile in (("", "default"), ("_fast", "fast")):
+            if f"ours{suffix}" not in row:
+                continue
+            ours = row[f"ours{suffix}"]
+            ours_s, ours_n = _everything_side(ours)
+            both = ours.get("status") == 200 and row["upstream"].get("status") == 200
+            view = {**row, "ours": ours, "triton": row[f"triton{suffix}"]}
+            table_rows.append(
+                [
+                    f"{row['name']} ({settings})",
+                    profile,
+                    row["prompts"],
+                    ours_s,
+                    upstream_s,
+                    f"{row['upstream']['ms'] / ours['ms']:.2f}x" if both else "-",
+                    ours_n,
+                    upstream_n,
+                    f"{everything_decoder_s(view):.1f}",
+                ]
+            )
     image = rows[0]["image"]
     out += [
         f"`POST /segment-image` with no prompts, against upstream `SamAutomaticMaskGenerator` "
@@ -599,6 +723,7 @@ def everything_section(e2e: dict[str, Any], peak: dict[str, Any] | None) -> list
         table(
             [
                 "settings",
+                "profile",
                 "prompts",
                 "ours s",
                 "upstream s",
@@ -613,7 +738,10 @@ def everything_section(e2e: dict[str, Any], peak: dict[str, Any] | None) -> list
     ]
     measured = everything_rows(e2e)
     if measured:
-        out += [f"What bounds it ({measured[0]['name']}): {everything_bound(measured[0], peak)}."]
+        out += [
+            f"What bounds it ({measured[0]['name']}, default profile): "
+            f"{everything_bound(measured[0], peak, analysis.EVERYTHING_GOAL['ours'])}."
+        ]
         out += [
             "",
             "Upstream spends more decoder arithmetic per prompt, in PyTorch eager (it "
@@ -622,13 +750,55 @@ def everything_section(e2e: dict[str, Any], peak: dict[str, Any] | None) -> list
             "filtering; ours computes that part once per image, filters on the predicted IoU "
             "first and upsamples one surviving mask at a time. What remains is the decoder's "
             "per-prompt work over all 4096 image tokens, which batching does not share. What "
-            "would move it further: bf16 (opt-in, see Runtime and precision), or sharing more "
+            "would move it further: bf16 arithmetic (the fast profile, on a CPU that has it), "
+            "or sharing more "
             "per-image work: the second layer's projections of the image tokens are per-image "
             "products plus a low-rank per-prompt correction (8 heads x 7 tokens), exact "
             "algebra that the exported graph does not use yet.",
             "",
         ]
     return out
+
+
+PROFILE_NAMES = {"ours": "default", "ours-fast": "fast"}
+
+
+def quality_section(e2e: dict[str, Any]) -> list[str]:
+    found = e2e.get("quality")
+    if not found:
+        return []
+    prompted, everything = found["prompted"], found["everything"]
+    settings = ", ".join(f"{k}={v}" for k, v in everything.get("settings", {}).items())
+    return [
+        "### The fast profile's quality",
+        "",
+        f"The fast profile's masks ({found['candidate']}) against the default profile's "
+        f"({found['reference']}) on the real photographs of `testkit.photos`, through both "
+        "proxies; random-init weights, so read it as how far the fast profile moves a mask, "
+        "and re-measure with the real checkpoint.",
+        "",
+        table(
+            ["prompted masks", "photos", "mean IoU", "p5 IoU", "worst IoU", "max score diff"],
+            [
+                [
+                    prompted["masks"],
+                    prompted["photos"],
+                    f"{prompted['iou_mean']:.4f}",
+                    f"{prompted['iou_p5']:.4f}",
+                    f"{prompted['iou_min']:.4f}",
+                    f"{prompted['score_diff_max']:.4f}",
+                ]
+            ],
+        ),
+        "",
+        f"Segment everything ({settings}) on {everything['photos']} photographs: "
+        f"{everything['matched']} of the default profile's {everything['reference_masks']} "
+        f"masks are matched one-to-one by a fast-profile mask at IoU >= "
+        f"{everything['threshold']} ("
+        + (f"{everything['share']:.1%}" if everything["share"] is not None else "-")
+        + f"); the fast profile found {everything['candidate_masks']} masks.",
+        "",
+    ]
 
 
 def sizing_section(results: dict[str, Any]) -> list[str]:
@@ -675,8 +845,8 @@ def reproduce_section() -> list[str]:
         "## Reproduce",
         "",
         "```bash",
-        "make bench        # full run: 15-20 minutes on 2 cores (python -m benchmarks)",
-        "make bench-quick  # smoke run: 3-4 minutes (python -m benchmarks --quick)",
+        "make bench        # full run: about 30 minutes on 2 quiet cores (python -m benchmarks)",
+        "make bench-quick  # smoke run: about 10 minutes (python -m benchmarks --quick)",
         ".venv/bin/python -m benchmarks --only runtime,e2e   # some sections",
         ".venv/bin/python -m benchmarks --report-only        # rewrite this file",
         ".venv/bin/python -m benchmarks --config-source DIR  # measure other configs",

@@ -161,6 +161,7 @@ def start_variant(variant: Variant, stack: ExitStack) -> tuple[TritonServer, Pat
         free_port(),
         log_path=LOG_DIR / f"triton-{variant.name}.log",
         work_dir=BENCH_DIR / "triton",
+        environment=variant.environment,
     )
     stack.enter_context(server)
     return server, repository
@@ -171,13 +172,16 @@ def measure_variants(
     levels: Levels,
     inputs: Inputs | None = None,
     while_up: WhileUp | None = None,
+    rounds: int = 1,
 ) -> tuple[list[dict[str, Any]], Inputs]:
     """One Triton per variant, all up at once, measured interleaved; always all stopped.
 
     The machine's load drifts over minutes (other tenants), so measuring one variant after
     the other would compare different machines. Instead every (model, level) is measured on
-    each variant back to back, the first variant rotating from level to level; the idle
-    servers use no CPU meanwhile. `while_up` then runs on each variant in turn.
+    each variant back to back, the first variant rotating from turn to turn (A B, B A, ...);
+    the idle servers use no CPU meanwhile. With `rounds` > 1 the whole schedule is repeated,
+    so each figure is several alternating trials whose spread the report shows. `while_up`
+    then runs on each variant in turn.
     """
     records = [{**v.to_json(), "results": []} for v in variants]
     with ExitStack() as stack:
@@ -189,7 +193,9 @@ def measure_variants(
         inputs = inputs or write_inputs(servers[0][0].http_url)
         for server, _ in servers:
             warm_up(server.http_url, inputs)
-        for turn, (role, data, level, window) in enumerate(_schedule(inputs, levels)):
+        schedule = _schedule(inputs, levels)
+        for turn in range(rounds * len(schedule)):
+            role, data, level, window = schedule[turn % len(schedule)]
             order = [(turn + i) % len(variants) for i in range(len(variants))]
             for index in order:
                 server, _ = servers[index]
@@ -197,9 +203,13 @@ def measure_variants(
                 row = measure_level(
                     server.http_url, name, role, data, level, window, PERF_DIR / name
                 )
+                row["round"] = turn // len(schedule)
                 records[index]["results"].append(row)
         for record in records:
-            record["results"].sort(key=lambda r: (r["role"] != ENCODER, r["concurrency"]))
+            record["rounds"] = rounds
+            record["results"].sort(
+                key=lambda r: (r["role"] != ENCODER, r["concurrency"], r["round"])
+            )
         if while_up is not None:
             for (server, repository), record in zip(servers, records, strict=True):
                 record.update(while_up(server, repository))

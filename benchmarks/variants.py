@@ -35,6 +35,7 @@ class ModelConfig:
     threads: int
     runtime: str
     precision: str
+    max_work: int | None = None  # max_work_per_run: batch items (or prompts) per runtime call
 
     def describe(self) -> str:
         batching = f"batching {self.queue_delay_us} us" if self.batching else "no batching"
@@ -98,6 +99,9 @@ def read_config(text: str) -> ModelConfig:
         threads=int(_search(_PARAMETER.format(key="intra_op_threads"), text, "threads").group(2)),
         runtime=_search(_PARAMETER.format(key="runtime"), text, "runtime").group(2),
         precision=_search(_PARAMETER.format(key="precision"), text, "precision").group(2),
+        max_work=int(found.group(2))
+        if (found := re.search(_PARAMETER.format(key="max_work_per_run"), text))
+        else None,
     )
 
 
@@ -126,6 +130,9 @@ def apply_config(text: str, config: ModelConfig) -> str:
         ("precision", config.precision),
     ):
         text = _replace(_PARAMETER.format(key=key), text, f'"{value}"', key)
+    if config.max_work is not None and config.max_work != current.max_work:
+        key = "max_work_per_run"
+        text = _replace(_PARAMETER.format(key=key), text, f'"{config.max_work}"', key)
     return text
 
 
@@ -137,6 +144,8 @@ class Variant:
     description: str
     configs: dict[str, ModelConfig]
     source: Path = SOURCE_REPOSITORY  # the layout whose config.pbtxt files are edited
+    # Triton's environment on top of ours: PRECISION=bf16 is the fast profile, as deployed.
+    environment: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def with_changes(self, name: str, description: str, **changes) -> Variant:
         """The same variant with the same knob changes applied to every model."""
@@ -148,12 +157,23 @@ class Variant:
         configs[model] = dataclasses.replace(configs[model], **changes)
         return dataclasses.replace(self, name=name, description=description, configs=configs)
 
+    def with_environment(self, name: str, description: str, **environment: str) -> Variant:
+        return dataclasses.replace(
+            self, name=name, description=description, environment=environment
+        )
+
+    @property
+    def precision(self) -> str:
+        """The profile the proxy in front of this variant must be told (its cache key)."""
+        return self.environment.get("PRECISION", "fp32")
+
     def to_json(self) -> dict:
         return {
             "name": self.name,
             "description": self.description,
             "configs": {m: dataclasses.asdict(c) for m, c in self.configs.items()},
             "source": str(self.source),
+            "environment": self.environment,
         }
 
 

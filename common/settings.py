@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,17 @@ class Settings(BaseSettings):
         description="Expected SHA-256 of a downloaded checkpoint (known for the official URL).",
     )
     checkpoint_cache_dir: Path = Field(default=Path.home() / ".cache" / "mobilesam-triton")
+
+    # --- the precision profile -------------------------------------------------------------
+    # The one switch between the exact and the fast profile. Triton's model stubs inherit it
+    # from Triton's environment (model_repository/*/1/model.py reads PRECISION); the proxy
+    # keys its embedding cache by it (embeddings of two profiles differ).
+    precision: Literal["fp32", "bf16"] = Field(
+        default="fp32",
+        description="fp32: the models as configured in model_repository/ (exact); bf16: the "
+        "fast profile, both models on OpenVINO with bf16 arithmetic (AVX512-BF16 or AMX; a CPU "
+        "without them computes fp32).",
+    )
 
     # --- Triton -------------------------------------------------------------------------
     model_repository: Path = Field(default=PROJECT_ROOT / "model_repository")

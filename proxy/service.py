@@ -109,13 +109,15 @@ class EverythingResult:
 
 
 def model_identity(settings: Settings) -> str:
-    """What the cached embeddings depend on: the encoder and the checkpoint it came from."""
+    """What the cached embeddings depend on: the encoder, the checkpoint it came from and the
+    precision profile (a bf16 embedding is not an fp32 one)."""
     manifest = settings.model_repository / settings.encoder_model / "1" / "export.json"
     try:
         checkpoint = json.loads(manifest.read_text())["checkpoint_sha256"]
     except (OSError, ValueError, KeyError):
         checkpoint = "unknown-checkpoint"
-    return f"{settings.encoder_model}@{checkpoint}"
+    identity = f"{settings.encoder_model}@{checkpoint}"
+    return identity if settings.precision == "fp32" else f"{identity}/{settings.precision}"
 
 
 def image_id_for(data: bytes) -> str:

@@ -96,6 +96,7 @@ class TritonServer:
     work_dir: Path = PROJECT_ROOT / "build" / "triton"
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)  # over this process's own
     process: subprocess.Popen | None = None
     watchdog: subprocess.Popen | None = None
 
@@ -153,7 +154,7 @@ class TritonServer:
             output = self.log_path.open("ab")
         self.process = subprocess.Popen(
             command,
-            env=server_environment(),
+            env={**server_environment(), **self.environment},
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us; we stop Triton ourselves, in order

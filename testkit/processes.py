@@ -15,7 +15,12 @@ from pathlib import Path
 import httpx
 
 from common.settings import PROJECT_ROOT, Settings
-from serving.processes import kill_process_group, proc_stat, stop_process
+from serving.processes import (
+    kill_process_group,
+    proc_stat,
+    process_group_members,
+    stop_process,
+)
 from testkit.ports import free_port
 
 
@@ -88,6 +93,7 @@ def proxy_process(
         "TRITON_HOST": settings.triton_host,
         "TRITON_HTTP_PORT": str(settings.triton_http_port),
         "MODEL_REPOSITORY": str(settings.model_repository),
+        "PRECISION": settings.precision,
         **(extra_env or {}),
     }
     return ServerProcess(
@@ -214,3 +220,18 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     except OSError:
         return 0.0
     return int(status.split(f"{field}:")[1].split()[0]) / 1024
+
+
+def stub_peak_rss_mb(triton_pid: int, model: str) -> float:
+    """Peak resident memory (VmHWM) of the Python-backend stub serving `model`."""
+    for pid in process_group_members(triton_pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        if b"triton_python_backend_stub" in command[0] and any(
+            f"/{model}/".encode() in argument for argument in command
+        ):
+            return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    raise LookupError(f"no Python-backend stub found for {model}")

@@ -343,7 +343,7 @@ def test_compose_defaults_equal_settings_defaults(compose):
     services = compose["services"]
     for service in ("triton", "proxy"):
         env = environment(services[service])
-        for field in ("triton_http_port", "triton_grpc_port", "triton_metrics_port"):
+        for field in ("triton_http_port", "triton_grpc_port", "triton_metrics_port", "precision"):
             assert env[field.upper()] == str(default(field)), (service, field)
     proxy = environment(services["proxy"])
     assert proxy["PROXY_PORT"] == str(default("proxy_port"))
@@ -378,6 +378,7 @@ def test_compose_follows_the_environment():
         IMAGE_TAG="v1",
         PUBLISH_ADDRESS="127.0.0.1",
         CHECKPOINTS_DIR="/srv/checkpoints",
+        PRECISION="bf16",
     )
     services = compose["services"]
     assert published_ports(services[POD]) == {(9090, 9090)}
@@ -391,6 +392,7 @@ def test_compose_follows_the_environment():
             "9001",
             "9002",
         ), service
+        assert env["PRECISION"] == "bf16", "one switch for Triton's stubs and the proxy"
     export = environment(services["export"])
     assert export["MOBILESAM_CHECKPOINT"] == "/checkpoints/mine.pt"
     assert export["MOBILESAM_CHECKPOINT_SHA256"] == "ab" * 32

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 from common import contract
 from export.verify import DECODER_CASES, PromptCase, compare_outputs, decoder_wire_inputs
 from export.verify import reference_decode as upstream_decode
-from serving.processes import process_group_members
+from testkit.processes import stub_peak_rss_mb
 
 IMAGE_SIZE = contract.DEFAULT_IMAGE_SIDE
 MASK_SIDE = contract.LOW_RES_SIDE
@@ -149,21 +148,6 @@ def test_decoder_takes_many_prompts_with_one_embedding(
         compare_outputs(f"prompt {prompt} iou", iou[prompt : prompt + 1], ref_iou)
 
 
-def stub_peak_rss_mb(triton_server, model: str) -> float:
-    """Peak resident memory (VmHWM) of the Python-backend stub serving `model`."""
-    for pid in process_group_members(triton_server.process.pid):
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        if b"triton_python_backend_stub" in command[0] and any(
-            f"/{model}/".encode() in argument for argument in command
-        ):
-            return int(status.split("VmHWM:")[1].split()[0]) / 1024
-    raise AssertionError(f"no Python-backend stub found for {model}")
-
-
 def test_a_large_decoder_request_runs_in_bounded_calls(
     triton_server, triton_client, settings, reference_embeddings
 ):
@@ -189,7 +173,7 @@ def test_a_large_decoder_request_runs_in_bounded_calls(
         for name in contract.DECODER_OUTPUTS:
             np.testing.assert_array_equal(whole.as_numpy(name)[0, part], alone.as_numpy(name)[0])
     # The measured ~18 MB per prompt of one call, plus the runtime and the outputs.
-    peak = stub_peak_rss_mb(triton_server, settings.decoder_model)
+    peak = stub_peak_rss_mb(triton_server.process.pid, settings.decoder_model)
     print(f"decoder stub peak RSS {peak:.0f} MB after {prompts} prompts in one request")
     assert peak < 200 + 25 * per_run + 2 * prompts, f"decoder stub peaked at {peak:.0f} MB"
 

@@ -11,6 +11,10 @@ precision and the thread count come from its `parameters`:
                     call gets: bounds its memory (default: max_batch_size)
   prompt_tensors    comma-separated tensors whose axis 1 counts prompts (the decoder's)
 
+The environment variable PRECISION (the `precision` of common/settings.py, inherited from
+Triton's environment) selects the profile: unset or "fp32", the parameters above; "bf16", the
+fast profile: OpenVINO with bf16 arithmetic, whatever the parameters say.
+
 Triton's dynamic batcher hands `execute` several requests at once. Requests whose non-batch
 shapes agree are concatenated along the batch axis and run together, up to max_work_per_run;
 larger requests are split (`batching.py`, next to this file); the outputs are put back
@@ -60,6 +64,9 @@ class OpenVinoRunner:
         if precision not in hints:
             raise ValueError(f"unknown precision {precision!r}; use one of {sorted(hints)}")
         core = ov.Core()
+        # Without bf16 arithmetic (AVX512-BF16, AMX) OpenVINO quietly computes fp32.
+        capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        self.computes = "bf16" if precision == "bf16" and "BF16" in capabilities else "fp32"
         self.model = core.compile_model(
             path,
             "CPU",
@@ -78,6 +85,21 @@ class OpenVinoRunner:
 
 
 RUNNERS = {"onnxruntime": OnnxRuntimeRunner, "openvino": OpenVinoRunner}
+# The precision profile (common/settings.py `precision`; tests/test_precision.py checks the
+# name): "bf16" runs this runtime at this precision, whatever config.pbtxt says.
+PRECISION_VARIABLE = "PRECISION"
+FAST_PROFILES = {"bf16": ("openvino", "bf16")}
+
+
+def choose_runtime(parameters: dict[str, str], environment: dict[str, str]) -> tuple[str, str]:
+    """(runtime, precision): the config's, unless the environment asks for the fast profile."""
+    profile = environment.get(PRECISION_VARIABLE, "").strip().lower() or "fp32"
+    if profile in FAST_PROFILES:
+        return FAST_PROFILES[profile]
+    if profile != "fp32":
+        choices = ["fp32", *FAST_PROFILES]
+        raise ValueError(f"{PRECISION_VARIABLE}={profile!r}: use one of {choices}")
+    return parameters.get("runtime", "onnxruntime"), parameters.get("precision", "fp32")
 
 
 class IdleTrim:
@@ -124,11 +146,10 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        runtime = parameters.get("runtime", "onnxruntime")
+        runtime, precision = choose_runtime(parameters, dict(os.environ))
         if runtime not in RUNNERS:
             raise ValueError(f"unknown runtime {runtime!r}; use one of {sorted(RUNNERS)}")
         threads = int(parameters.get("intra_op_threads", "1"))
-        precision = parameters.get("precision", "fp32")
         self.max_work = int(parameters.get("max_work_per_run", config.get("max_batch_size", 1)))
         self.prompt_tensors = [
             name.strip() for name in parameters.get("prompt_tensors", "").split(",") if name.strip()
@@ -143,8 +164,9 @@ class TritonPythonModel:
         self.runner = RUNNERS[runtime](path, threads, precision)
         self.idle_trim = IdleTrim()
         self.logger = pb_utils.Logger
+        computes = getattr(self.runner, "computes", precision)
         self.logger.log_info(
-            f"{config['name']}: {runtime} {precision}, {threads} threads, "
+            f"{config['name']}: {runtime} {precision} (computes {computes}), {threads} threads, "
             f"max_batch_size {config.get('max_batch_size', 0)}, {self.max_work} per run"
         )
 

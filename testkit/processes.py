@@ -222,16 +222,20 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return int(status.split(f"{field}:")[1].split()[0]) / 1024
 
 
-def stub_peak_rss_mb(triton_pid: int, model: str) -> float:
-    """Peak resident memory (VmHWM) of the Python-backend stub serving `model`."""
+def stub_pid(triton_pid: int, model: str) -> int:
+    """The Python-backend stub serving `model` for the tritonserver `triton_pid`."""
     for pid in process_group_members(triton_pid):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
         if b"triton_python_backend_stub" in command[0] and any(
             f"/{model}/".encode() in argument for argument in command
         ):
-            return int(status.split("VmHWM:")[1].split()[0]) / 1024
+            return pid
     raise LookupError(f"no Python-backend stub found for {model}")
+
+
+def stub_peak_rss_mb(triton_pid: int, model: str) -> float:
+    """Peak resident memory (VmHWM) of the Python-backend stub serving `model`."""
+    return rss_mb(stub_pid(triton_pid, model), "VmHWM")

@@ -25,7 +25,7 @@ from scipy.optimize import linear_sum_assignment
 from common.settings import PROJECT_ROOT, Settings
 from proxy.encodings import decode_rle
 from testkit.photos import photos
-from testkit.processes import LaunchedStack, pids
+from testkit.processes import LaunchedStack, stub_pid
 
 from .conftest import BUILD
 from .test_everything import MANY_MASKS
@@ -55,22 +55,10 @@ def fast(model_repository: Path, checkpoint_path: Path) -> Iterator[LaunchedStac
         yield stack
 
 
-def stub_of(triton_pid: int, model: str) -> int:
-    for pid in pids():
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        if parent == triton_pid and any(f"/{model}/".encode() in part for part in command):
-            return pid
-    raise LookupError(f"no stub for {model}")
-
-
 def test_the_switch_reaches_the_models(fast: LaunchedStack, settings: Settings) -> None:
     """Both stubs inherit PRECISION and run OpenVINO; the default decoder runs ONNX Runtime."""
     for model in (settings.encoder_model, settings.decoder_model):
-        stub = stub_of(fast.triton_pid(), model)
+        stub = stub_pid(fast.triton_pid(), model)
         environment = Path(f"/proc/{stub}/environ").read_bytes().split(b"\0")
         assert b"PRECISION=bf16" in environment, model
         libraries = Path(f"/proc/{stub}/maps").read_text()

@@ -50,7 +50,7 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest
 
-# The tests that need neither Triton nor a proxy process (under a minute).
+# The tests that need neither Triton, a proxy process nor upstream on photographs (under a minute).
 test-fast: setup
 	$(PY) -m pytest -m "not integration"
 

@@ -5,8 +5,8 @@ The official weights cannot be downloaded here, so the tests make a checkpoint o
 architecture with a fixed seed and put it through the same export code as real weights. The
 exported repository lives in build/ (git-ignored) and is reused while the checkpoint is the same.
 
-Tests that need a Triton or a proxy process (through the fixtures below) are marked
-`integration`; `make test-fast` runs the others.
+Tests that need a Triton or a proxy process (through the fixtures below), or upstream's real
+networks run on photographs, are marked `integration`; `make test-fast` runs the others.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from testkit.repository import copy_layout
 
 BUILD = PROJECT_ROOT / "build" / "tests"
 CHECKPOINT_SEED = 0
-# Fixtures that start (or export for) a real Triton or proxy: a test using any of them,
+# Fixtures that start (or export for) a real Triton or proxy, or run upstream's networks on
+# real photographs (test_everything_steps.py's `memoized`): a test using any of them,
 # directly or through another fixture, is an integration test.
-INTEGRATION_FIXTURES = frozenset({"model_repository", "triton_server", "proxy"})
+INTEGRATION_FIXTURES = frozenset({"model_repository", "triton_server", "proxy", "memoized"})
 
 
 CONTAINER_TESTS = Path(__file__).parent / "containers"

@@ -52,7 +52,7 @@ test: setup lint
 
 # The tests that need neither Triton, a proxy process nor upstream on photographs (under a minute).
 test-fast: setup
-	$(PY) -m pytest -m "not integration"
+	$(PY) -m pytest -m "not integration" -n auto
 
 # docker-compose.yml built and run for real, with podman (no Docker engine or registry here):
 # podman and docker-compose from apt, a Debian 12 base, the three images (tagged `test`, so a

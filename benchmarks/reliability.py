@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -406,6 +407,15 @@ def soak_scenario(quick: bool) -> dict[str, Any]:
 
         kinds = ["cold"] * 4 + ["reprompt"] * 4 + ["everything"] + ["bad"]
 
+        cache_mb: list[tuple[float, float]] = []  # (sampler time, embedding cache MB)
+
+        async def watch_cache(client: httpx.AsyncClient, deadline: float) -> None:
+            while time.monotonic() < deadline:
+                metrics = (await client.get("/metrics")).text
+                size = re.search(r"^proxy_embedding_cache_bytes (\S+)$", metrics, re.MULTILINE)
+                cache_mb.append((memory.mark(), float(size[1]) / 1e6 if size else float("nan")))
+                await asyncio.sleep(20)
+
         async def run(deadline: float) -> None:
             async with httpx.AsyncClient(base_url=launched.base_url, timeout=600) as client:
 
@@ -423,23 +433,45 @@ def soak_scenario(quick: bool) -> dict[str, Any]:
                             outcome = outcome_of(exc, started)
                         outcomes.setdefault(kind, []).append(outcome)
 
-                await asyncio.gather(*(worker(seed) for seed in range(3)))
+                await asyncio.gather(
+                    *(worker(seed) for seed in range(3)), watch_cache(client, deadline)
+                )
 
         time.sleep(3)
         load_from = memory.mark()
         asyncio.run(run(time.monotonic() + minutes * 60))
         load_to = memory.mark()
         time.sleep(10)
-        proxy = [s[1] for s in memory.samples if load_from <= s[0] <= load_to and s[1]]
-        window = max(1, len(proxy) // 6)
         return {
             "minutes": minutes,
             "answers": {kind: tally(items) for kind, items in outcomes.items()},
             "memory": memory.summary(load_from, load_to),
-            # A leak shows as a rising floor: the proxy's RSS over the first and last sixth.
-            "proxy_mb_first_sixth": round(float(np.median(proxy[:window])), 1),
-            "proxy_mb_last_sixth": round(float(np.median(proxy[-window:])), 1),
+            # A leak shows as a floor that keeps rising once the embedding cache is full.
+            "proxy_by_sixth": by_sixth(memory.samples, cache_mb, load_from, load_to),
         }
+
+
+def by_sixth(
+    samples: list[tuple[float, float, float]],
+    cache_mb: list[tuple[float, float]],
+    load_from: float,
+    load_to: float,
+) -> list[dict[str, float]]:
+    """The proxy's median RSS and its embedding cache's size in each sixth of the load."""
+    width = (load_to - load_from) / 6
+    windows = []
+    for index in range(6):
+        start, end = load_from + index * width, load_from + (index + 1) * width
+        rss = [s[1] for s in samples if start <= s[0] < end and s[1]]
+        cache = [size for t, size in cache_mb if t < end]
+        windows.append(
+            {
+                "until_minute": round((end - load_from) / 60, 1),
+                "proxy_mb_median": round(float(np.median(rss)), 1) if rss else None,
+                "cache_mb": round(cache[-1], 1) if cache else None,
+            }
+        )
+    return windows
 
 
 RUNNERS: dict[str, Callable[[bool], dict[str, Any]]] = {

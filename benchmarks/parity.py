@@ -21,6 +21,8 @@ import numpy as np
 from benchmarks.assets import Upload
 from benchmarks.loadgen import percentile
 from benchmarks.workloads import SEGMENT, several_prompts
+from proxy.encodings import decode_rle
+from testkit.masks import mask_iou
 
 
 def collect_masks(base_url: str, uploads: list[Upload], timeout_s: float = 120) -> list[dict]:
@@ -48,28 +50,13 @@ def collect_masks(base_url: str, uploads: list[Upload], timeout_s: float = 120) 
     return records
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union; two empty masks agree perfectly."""
-    union = np.logical_or(a, b).sum()
-    if union == 0:
-        return 1.0
-    return float(np.logical_and(a, b).sum() / union)
-
-
-def _decode(segmentation: dict) -> np.ndarray:
-    from pycocotools import mask as mask_utils
-
-    rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
-    return mask_utils.decode(rle).astype(bool)
-
-
 def compare(reference: list[dict], candidate: list[dict]) -> dict[str, Any]:
     """IoU of every candidate mask with its reference mask, and the score differences."""
     pairs = {(r["photo"], r["prompt"]): r for r in reference}
     ious, score_diffs = [], []
     for record in candidate:
         ref = pairs[(record["photo"], record["prompt"])]
-        ious.append(mask_iou(_decode(ref["segmentation"]), _decode(record["segmentation"])))
+        ious.append(mask_iou(decode_rle(ref["segmentation"]), decode_rle(record["segmentation"])))
         score_diffs.append(abs(ref["predicted_iou"] - record["predicted_iou"]))
     return {
         "masks": len(ious),
@@ -102,8 +89,8 @@ def match_everything(
     IoU >= `threshold` (each candidate used once, best pairs first), and the counts."""
     matched = 0
     for photo in sorted({record["photo"] for record in reference}):
-        ours = [_decode(r["segmentation"]) for r in reference if r["photo"] == photo]
-        theirs = [_decode(r["segmentation"]) for r in candidate if r["photo"] == photo]
+        ours = [decode_rle(r["segmentation"]) for r in reference if r["photo"] == photo]
+        theirs = [decode_rle(r["segmentation"]) for r in candidate if r["photo"] == photo]
         pairs = sorted(
             ((mask_iou(a, b), i, j) for i, a in enumerate(ours) for j, b in enumerate(theirs)),
             reverse=True,

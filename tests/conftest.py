@@ -85,6 +85,14 @@ def sam(checkpoint_path: Path):
     return load_mobilesam(checkpoint_path)
 
 
+@pytest.fixture(scope="module")
+def predictor(sam):
+    """Upstream's `SamPredictor` over the oracle; per module, since `set_image` holds state."""
+    from mobile_sam import SamPredictor
+
+    return SamPredictor(sam)
+
+
 def another_triton(settings: Settings, log_name: str) -> TritonServer:
     """A Triton (not started) on the session's repository and free ports of its own, for a
     module that stops it or needs a second one while the session's keeps serving."""

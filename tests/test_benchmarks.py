@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from benchmarks import analysis, loadgen, report, variants
-from benchmarks.parity import mask_iou
 from common.settings import PROJECT_ROOT
+from testkit.masks import mask_iou
 
 ENCODER_CONFIG = PROJECT_ROOT / "model_repository" / "mobilesam_encoder" / "config.pbtxt"
 

@@ -24,12 +24,13 @@ from scipy.optimize import linear_sum_assignment
 
 from common.settings import PROJECT_ROOT, Settings
 from proxy.encodings import decode_rle
+from testkit.masks import mask_iou
 from testkit.photos import photos
 from testkit.processes import LaunchedStack, stub_pid
 
 from .conftest import BUILD
 from .test_everything import MANY_MASKS
-from .test_proxy_parity import mask_iou, prompt_sets
+from .test_proxy_parity import prompt_sets
 
 MIN_MASK_IOU = 0.9
 MIN_MEAN_IOU = 0.95

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from proxy.encodings import decode_rle
+from testkit.masks import mask_iou
 from testkit.photos import Photo, photos
 
 MIN_MASK_IOU = 0.98
@@ -51,18 +52,6 @@ def upstream_predict(predictor, prompt: dict, multimask: bool):
     masks, scores, _ = predictor.predict(points, labels, box, multimask_output=multimask)
     order = np.argsort(-scores, kind="stable")
     return masks[order], scores[order]
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-@pytest.fixture(scope="module")
-def predictor(sam):
-    from mobile_sam import SamPredictor
-
-    return SamPredictor(sam)
 
 
 @pytest.mark.parametrize("photo", photos(), ids=lambda photo: photo.name)

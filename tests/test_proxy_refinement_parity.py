@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 
 from proxy.encodings import decode_rle
+from testkit.masks import mask_iou
 from testkit.photos import Photo, photos
 
-from .test_proxy_parity import MAX_SCORE_DIFFERENCE, MIN_MASK_IOU, mask_iou
+from .test_proxy_parity import MAX_SCORE_DIFFERENCE, MIN_MASK_IOU
 
 
 def upstream_predict(predictor, prompt: dict, mask_input: np.ndarray | None, multimask: bool):
@@ -45,13 +46,6 @@ def assert_same(records: list[dict], expected, context: str) -> None:
         assert iou >= MIN_MASK_IOU, f"{context}, mask {rank}: IoU {iou:.4f}"
         difference = abs(record["predicted_iou"] - float(score))
         assert difference <= MAX_SCORE_DIFFERENCE, f"{context}, mask {rank}: score {difference}"
-
-
-@pytest.fixture(scope="module")
-def predictor(sam):
-    from mobile_sam import SamPredictor
-
-    return SamPredictor(sam)
 
 
 @pytest.mark.parametrize("photo", photos(), ids=lambda photo: photo.name)

@@ -18,12 +18,12 @@ import socket
 import time
 
 import httpx
-import numpy as np
 
 from common.settings import PROJECT_ROOT
 from proxy.encodings import decode_rle
 from serving.processes import PYTHON_BACKEND_SHM_PREFIX
 from serving.shared_memory import python_backend_shm_bytes, read_caps
+from testkit.masks import mask_iou
 from testkit.photos import photos
 from tests.containers.conftest import UNREADABLE_CHECKPOINT, ComposeProject
 
@@ -55,11 +55,6 @@ def answers(address: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 def assert_same_masks(expected: list[dict], actual: list[dict], where: str) -> None:

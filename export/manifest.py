@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-# Bump when the exported graphs' contract changes, so old exports are redone.
-EXPORT_FORMAT_VERSION = 2
+# Bump when the exported graphs change (contract or arithmetic), so old exports are redone.
+EXPORT_FORMAT_VERSION = 3
 MANIFEST_NAME = "export.json"
 MODEL_FILE = "model.onnx"
 

@@ -181,6 +181,12 @@ def run_runtime(run: Run) -> None:
         ),
         base.with_changes("openvino-fp32", "OpenVINO fp32", runtime="openvino", precision="fp32"),
         base.with_changes("openvino-bf16", "OpenVINO bf16", runtime="openvino", precision="bf16"),
+        # What serving/triton.py's malloc tunables buy: the same as the first, 4 KB pages.
+        base.with_changes("", "", runtime="onnxruntime", precision="fp32").with_environment(
+            analysis.SMALL_PAGES_VARIANT,
+            "ONNX Runtime fp32, malloc without transparent huge pages",
+            GLIBC_TUNABLES="glibc.malloc.hugetlb=0",
+        ),
     ]
 
     def checks(server: TritonServer, repository: Path) -> dict[str, Any]:

@@ -409,7 +409,7 @@ def decoder_memory(server: TritonServer) -> dict[str, Any]:
     import numpy as np
     import tritonclient.http as httpclient
 
-    from testkit.processes import stub_peak_rss_mb
+    from testkit.processes import reset_peak_rss, rss_mb, stub_pid
 
     settings = get_settings()
     model = settings.decoder_model
@@ -431,14 +431,18 @@ def decoder_memory(server: TritonServer) -> dict[str, Any]:
             tensor = httpclient.InferInput(name, list(array.shape), "FP32")
             tensor.set_data_from_numpy(array, binary_data=True)
             tensors.append(tensor)
-        before = stub_peak_rss_mb(server.process.pid, model)
+        # Earlier measurements already peaked: start the peak afresh from what is resident.
+        stub = stub_pid(server.process.pid, model)
+        reset_peak_rss(stub)
+        before = rss_mb(stub)
         client.infer(model, tensors)
-        after = stub_peak_rss_mb(server.process.pid, model)
+        peak, after = rss_mb(stub, "VmHWM"), rss_mb(stub)
     finally:
         client.close()
     return {
         "prompts": prompts,
-        "peak_before_mb": round(before, 1),
-        "peak_after_mb": round(after, 1),
-        "per_prompt_mb": round((after - before) / prompts, 1),
+        "resident_before_mb": round(before, 1),
+        "peak_mb": round(peak, 1),
+        "resident_after_mb": round(after, 1),
+        "per_prompt_mb": round((peak - before) / prompts, 1),
     }

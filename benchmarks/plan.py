@@ -85,7 +85,9 @@ class Plan:
 FULL = Plan(
     name="full",
     sweep=Levels(encoder=(1, 4), decoder=(1, 8), encoder_window=1, decoder_window=2),
-    runtime_sweep=Levels(encoder=(1, 4), decoder=(1, 8), encoder_window=1, decoder_window=2),
+    runtime_sweep=Levels(
+        encoder=(1, 4), decoder=(1, 8), encoder_window=1, decoder_window=2, decoder_batch=(1,)
+    ),
     queue_delays_us=(),
     queue_delay_levels=(),
     fourth_cell=False,
@@ -106,7 +108,9 @@ FULL = Plan(
 QUICK = Plan(
     name="quick",
     sweep=Levels(encoder=(1,), decoder=(1, 8), encoder_window=1, decoder_window=3),
-    runtime_sweep=Levels(encoder=(1,), decoder=(1,), encoder_window=1, decoder_window=3),
+    runtime_sweep=Levels(
+        encoder=(1,), decoder=(1,), encoder_window=1, decoder_window=3, decoder_batch=(1,)
+    ),
     queue_delays_us=(),
     queue_delay_levels=(),
     fourth_cell=False,

@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 
 from benchmarks.analysis import (
     DECODER,
+    DECODER_BATCH,
     ENCODER,
     compute_ms,
     perf_row,
@@ -99,22 +100,27 @@ def latency_split(
 
 
 def runtime_bars(section: dict[str, Any] | None, path: Path) -> Path | None:
-    """Compute time at concurrency 1 for each runtime/precision, encoder and decoder."""
+    """Compute time at concurrency 1 for each runtime/precision: encoder, decoder with one
+    click, and decoder with segment everything's prompts per call (when measured)."""
     variants = (section or {}).get("variants", [])
     if not variants:
         return None
-    figure, axes = plt.subplots(1, 2, figsize=SIZE)
-    for axis, role in zip(axes, (ENCODER, DECODER), strict=True):
+    roles = [ENCODER, DECODER]
+    if any(perf_row(record, DECODER_BATCH, 1) for record in variants):
+        roles.append(DECODER_BATCH)
+    figure, axes = plt.subplots(1, len(roles), figsize=SIZE)
+    for axis, role in zip(axes, roles, strict=True):
         names, values = [], []
         for record in variants:
             row = perf_row(record, role, 1)
             if row:
                 names.append(record["name"])
                 values.append(compute_ms(row))
-        bars = axis.bar(names, values, color=["#1f77b4", "#ff7f0e", "#2ca02c"][: len(names)])
+        bars = axis.bar(names, values, color=["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"])
         axis.bar_label(bars, fmt="%.0f", fontsize=7)
         axis.set_title(f"{role}: compute ms at concurrency 1", fontsize=9)
         axis.tick_params(labelsize=7)
+        axis.tick_params(axis="x", labelrotation=30)
     return _save(figure, path)
 
 

@@ -31,9 +31,11 @@ import numpy as np
 import tritonclient.http as httpclient
 
 from benchmarks import perf_analyzer as perf
+from benchmarks.analysis import DECODER, DECODER_BATCH, ENCODER
 from benchmarks.common import BENCH_DIR, LOG_DIR
 from benchmarks.variants import Variant, materialize
 from common.settings import get_settings
+from proxy.everything.params import AmgParams
 from serving.triton import TritonServer
 from testkit.ports import free_port
 
@@ -45,7 +47,8 @@ READY_TIMEOUT_S = 300.0
 # Windows are always accepted (see the module docstring); three is perf_analyzer's minimum.
 ALWAYS_STABLE = 1000.0
 WINDOWS = 3
-ENCODER, DECODER = "encoder", "decoder"
+# Segment everything's decoder calls: its default prompts per call.
+BATCH_PROMPTS = AmgParams().points_per_batch
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class Levels:
     decoder: Sequence[int] = ()
     encoder_window: int = 2
     decoder_window: int = 6
+    # Decoder calls of BATCH_PROMPTS prompts (segment everything), whose cost per prompt
+    # differs from one click's: the runtimes compare differently there.
+    decoder_batch: Sequence[int] = ()
+    decoder_batch_window: int = 2
 
 
 @dataclass(frozen=True)
@@ -64,26 +71,34 @@ class Inputs:
 
     encoder: Path
     decoder: Path
+    decoder_batch: Path
 
 
 def write_inputs(url: str, output_dir: Path = PERF_DIR) -> Inputs:
-    """A landscape and a portrait image for the encoder; one click (P=1, N=2) for the decoder."""
-    scenarios = perf.build_scenarios(
-        get_settings(), url, output_dir, prompts=[1], points=2, encoder_window=1, decoder_window=1
+    """A landscape and a portrait image for the encoder; one click (P=1, N=2) for the decoder,
+    and segment everything's call: BATCH_PROMPTS one-point prompts (N=2 with the padding)."""
+    encoder, decoder, decoder_batch = perf.build_scenarios(
+        get_settings(),
+        url,
+        output_dir,
+        prompts=[1, BATCH_PROMPTS],
+        points=2,
+        encoder_window=1,
+        decoder_window=1,
     )
-    encoder, decoder = scenarios
-    return Inputs(encoder.input_data, decoder.input_data)
+    return Inputs(encoder.input_data, decoder.input_data, decoder_batch.input_data)
 
 
-def warm_up(url: str, inputs: Inputs, requests: int = 2) -> None:
-    """First calls pay for lazy initialisation (thread pools, OpenVINO kernels): not measured."""
+def warm_up(url: str, inputs: Inputs, batch: bool = False, requests: int = 2) -> None:
+    """First calls pay for lazy initialisation (thread pools, OpenVINO kernels for each new
+    shape, so the batch input too when it is measured): not measured."""
     settings = get_settings()
     client = httpclient.InferenceServerClient(url, network_timeout=300, connection_timeout=300)
+    calls = [(settings.encoder_model, inputs.encoder), (settings.decoder_model, inputs.decoder)]
+    if batch:
+        calls.append((settings.decoder_model, inputs.decoder_batch))
     try:
-        for model, path in (
-            (settings.encoder_model, inputs.encoder),
-            (settings.decoder_model, inputs.decoder),
-        ):
+        for model, path in calls:
             specs = perf.fetch_input_specs(url, model)
             request = perf.read_input_data(path, specs)[0]
             tensors = []
@@ -135,6 +150,10 @@ def _schedule(inputs: Inputs, levels: Levels) -> list[tuple[str, Path, int, int]
     return [
         *((ENCODER, inputs.encoder, level, levels.encoder_window) for level in levels.encoder),
         *((DECODER, inputs.decoder, level, levels.decoder_window) for level in levels.decoder),
+        *(
+            (DECODER_BATCH, inputs.decoder_batch, level, levels.decoder_batch_window)
+            for level in levels.decoder_batch
+        ),
     ]
 
 
@@ -192,7 +211,7 @@ def measure_variants(
             record["startup_s"] = round(time.perf_counter() - started, 2)
         inputs = inputs or write_inputs(servers[0][0].http_url)
         for server, _ in servers:
-            warm_up(server.http_url, inputs)
+            warm_up(server.http_url, inputs, batch=bool(levels.decoder_batch))
         schedule = _schedule(inputs, levels)
         for turn in range(rounds * len(schedule)):
             role, data, level, window = schedule[turn % len(schedule)]

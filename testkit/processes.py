@@ -222,6 +222,12 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     return int(status.split(f"{field}:")[1].split()[0]) / 1024
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Start the process's peak (VmHWM) afresh from its current resident memory (Linux's
+    `clear_refs` 5), so the next peak belongs to what runs next."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def stub_pid(triton_pid: int, model: str) -> int:
     """The Python-backend stub serving `model` for the tritonserver `triton_pid`."""
     for pid in process_group_members(triton_pid):

@@ -291,14 +291,17 @@ def upscaled_masks(
     if not isinstance(norm, LayerNorm2d):
         raise ValueError("expected upstream's output upscaling (LayerNorm2d after the first)")
     weight, bias = _transposed_conv_as_matrix(first)
-    x = keys @ weight + bias  # [N, HW, 2 * 2 * C/4]
-    x = x.reshape(x.shape[0], x.shape[1], 4, first.out_channels)
+    pixels = keys.shape[0] * keys.shape[1]
+    # Two-dimensional products with the bias added in place (one Gemm each, not a MatMul and
+    # an Add with an extra buffer per prompt).
+    x = torch.addmm(bias, keys.reshape(pixels, keys.shape[2]), weight)  # [N*HW, 2*2*C/4]
+    x = x.reshape(pixels * 4, first.out_channels)
     x = first_act(
         nn.functional.layer_norm(x, (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps)
     )
     weight, bias = _transposed_conv_as_matrix(second)
-    x = second_act(x @ weight + bias)  # [N, HW, 4, 2 * 2 * C/8]
-    x = x.reshape(x.shape[0], -1, second.out_channels)  # [N, HW * 16, C/8]
+    x = second_act(torch.addmm(bias, x, weight))  # [N*HW*4, 2*2*C/8]
+    x = x.reshape(keys.shape[0], -1, second.out_channels)  # [N, HW * 16, C/8]
     masks = x @ hyper_in.transpose(1, 2)  # [N, HW * 16, tokens]
     # (h, w, a, b, a2, b2): pixel row 4h + 2a + a2, column 4w + 2b + b2.
     masks = masks.reshape(masks.shape[0], height, width, 2, 2, 2, 2, masks.shape[-1])

@@ -35,7 +35,7 @@ from benchmarks.common import (
     package_versions,
     write_json,
 )
-from benchmarks.e2e import Profile, run_end_to_end, runtime_checks
+from benchmarks.e2e import Profile, decoder_memory, run_end_to_end, runtime_checks
 from benchmarks.peak import run_in_subprocess
 from benchmarks.plan import PLANS, Plan
 from benchmarks.triton_sweeps import (
@@ -82,8 +82,11 @@ class Run:
         levels: Levels,
         while_up: WhileUp | None = None,
         rounds: int = 1,
+        first: WhileUp | None = None,
     ) -> list[dict[str, Any]]:
-        records, self.inputs = measure_variants(variants, levels, self.inputs, while_up, rounds)
+        records, self.inputs = measure_variants(
+            variants, levels, self.inputs, while_up, rounds, first
+        )
         return records
 
     def base(self) -> Variant:
@@ -192,7 +195,12 @@ def run_runtime(run: Run) -> None:
     def checks(server: TritonServer, repository: Path) -> dict[str, Any]:
         return runtime_checks(run.plan, server, repository, run.parity_photos, run.pool)
 
-    records = run.measure(variants, run.plan.runtime_sweep, checks, rounds=run.plan.rounds)
+    def memory(server: TritonServer, _repository: Path) -> dict[str, Any]:
+        return {"decoder_memory": decoder_memory(server)}
+
+    records = run.measure(
+        variants, run.plan.runtime_sweep, checks, rounds=run.plan.rounds, first=memory
+    )
     parity = analysis.parity_summary(records)
     for record in records:  # the masks were only needed for the comparison
         record.pop("parity_masks", None)

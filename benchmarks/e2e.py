@@ -386,7 +386,7 @@ def runtime_checks(
     """On a runtime variant: masks for the parity figure, then a few cold requests at c=4."""
     from benchmarks.parity import collect_masks
 
-    record: dict[str, Any] = {"decoder_memory": decoder_memory(server)}
+    record: dict[str, Any] = {}
     with proxy_process(
         proxy_settings(server, repository),
         LOG_DIR / f"proxy-{repository.name}.log",
@@ -404,8 +404,10 @@ def runtime_checks(
 
 
 def decoder_memory(server: TritonServer) -> dict[str, Any]:
-    """The decoder stub's peak memory after one call of `max_work_per_run` prompts (the most
-    a runtime call gets), against its peak before: what a prompt of a call holds."""
+    """What one call of `max_work_per_run` prompts (the most a runtime call gets) costs the
+    decoder stub: its resident memory before, its peak and what it keeps after. On a fresh
+    server, before any other request: a runtime that keeps its buffers (OpenVINO) would
+    otherwise show only what it adds to what earlier calls left."""
     import numpy as np
     import tritonclient.http as httpclient
 
@@ -431,7 +433,7 @@ def decoder_memory(server: TritonServer) -> dict[str, Any]:
             tensor = httpclient.InferInput(name, list(array.shape), "FP32")
             tensor.set_data_from_numpy(array, binary_data=True)
             tensors.append(tensor)
-        # Earlier measurements already peaked: start the peak afresh from what is resident.
+        # Loading the model may have peaked above what is resident now: start afresh.
         stub = stub_pid(server.process.pid, model)
         reset_peak_rss(stub)
         before = rss_mb(stub)

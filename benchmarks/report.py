@@ -401,9 +401,9 @@ def runtime_section(
     ]
     if memory_rows:
         out += [
-            "**Decoder memory** (the decoder stub's resident memory before one call of "
-            "`max_work_per_run` prompts, the most one runtime call gets, its peak during the "
-            "call and what it keeps after; per prompt: peak over before):",
+            "**Decoder memory** (a fresh server's decoder stub: its resident memory before "
+            "one call of `max_work_per_run` prompts, the most one runtime call gets, its peak "
+            "during the call and what it keeps after; per prompt: peak over before):",
             "",
             table(
                 ["variant", "prompts", "before MB", "peak MB", "after MB", "MB per prompt"],

@@ -192,6 +192,7 @@ def measure_variants(
     inputs: Inputs | None = None,
     while_up: WhileUp | None = None,
     rounds: int = 1,
+    first: WhileUp | None = None,
 ) -> tuple[list[dict[str, Any]], Inputs]:
     """One Triton per variant, all up at once, measured interleaved; always all stopped.
 
@@ -199,8 +200,9 @@ def measure_variants(
     the other would compare different machines. Instead every (model, level) is measured on
     each variant back to back, the first variant rotating from turn to turn (A B, B A, ...);
     the idle servers use no CPU meanwhile. With `rounds` > 1 the whole schedule is repeated,
-    so each figure is several alternating trials whose spread the report shows. `while_up`
-    then runs on each variant in turn.
+    so each figure is several alternating trials whose spread the report shows. `first` runs
+    on each variant once it is ready, before any request (what a fresh server does), and
+    `while_up` after the measurements.
     """
     records = [{**v.to_json(), "results": []} for v in variants]
     with ExitStack() as stack:
@@ -209,6 +211,9 @@ def measure_variants(
         for (server, _), record in zip(servers, records, strict=True):
             server.wait_ready(READY_TIMEOUT_S)
             record["startup_s"] = round(time.perf_counter() - started, 2)
+        if first is not None:
+            for (server, repository), record in zip(servers, records, strict=True):
+                record.update(first(server, repository))
         inputs = inputs or write_inputs(servers[0][0].http_url)
         for server, _ in servers:
             warm_up(server.http_url, inputs, batch=bool(levels.decoder_batch))

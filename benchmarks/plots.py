@@ -118,7 +118,7 @@ def runtime_bars(section: dict[str, Any] | None, path: Path) -> Path | None:
                 values.append(compute_ms(row))
         bars = axis.bar(names, values, color=["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"])
         axis.bar_label(bars, fmt="%.0f", fontsize=7)
-        axis.set_title(f"{role}: compute ms at concurrency 1", fontsize=9)
+        axis.set_title(f"{role}\ncompute ms at concurrency 1", fontsize=8)
         axis.tick_params(labelsize=7)
         axis.tick_params(axis="x", labelrotation=30)
     return _save(figure, path)

@@ -752,17 +752,19 @@ def everything_section(e2e: dict[str, Any], peak: dict[str, Any] | None) -> list
         ]
         out += [
             "",
-            "Upstream spends more decoder arithmetic per prompt, in PyTorch eager (it "
-            "repeats the first layer's image-side projections for every prompt), and "
+            "Upstream spends more decoder arithmetic per prompt, in PyTorch eager: it "
+            "projects all 4096 image tokens for every prompt in every attention, and "
             "upsamples every mask of a batch to 1024x1024 and to the image size before "
-            "filtering; ours computes that part once per image, filters on the predicted IoU "
-            "first and upsamples one surviving mask at a time. What remains is the decoder's "
-            "per-prompt work over all 4096 image tokens, which batching does not share. What "
-            "would move it further: bf16 arithmetic (the fast profile, on a CPU that has it), "
-            "or sharing more "
-            "per-image work: the second layer's projections of the image tokens are per-image "
-            "products plus a low-rank per-prompt correction (8 heads x 7 tokens), exact "
-            "algebra that the exported graph does not use yet.",
+            "filtering. Ours computes the first layer's image-side projections once per "
+            "image, folds the later ones into the 8 heads x 7 prompt tokens (exact algebra, "
+            "`export/graphs.py`), filters on the predicted IoU first and upsamples one "
+            "surviving mask at a time. What remains per prompt is work over all 4096 image "
+            "tokens that no sharing removes: the upscaling's two per-pixel products (0.8 of "
+            "the 1.7 GFLOP), the folded products, and the layer norms, softmaxes and GELUs "
+            "between them, which are memory-bound. What would move it further: bf16 "
+            "arithmetic (the fast profile, on a CPU that has it); the first upscaling "
+            "product as a per-image product plus a rank-112 per-prompt correction through "
+            "both layer norms (exact, about 0.3 GFLOP less per prompt).",
             "",
         ]
     return out

@@ -186,7 +186,8 @@ def first_layer(
 
     Until this layer's end the image tokens are the same for every prompt without a mask
     input, so their projections (k and v of token->image, q of image->token attention) are
-    computed once per image. The keys it returns differ per prompt: [B, P, HW, C].
+    computed once per image; the image->token output is folded (`_image_to_token_output`).
+    The keys it returns differ per prompt: [B, P, HW, C].
     """
     flat = queries.flatten(0, 1)
     queries = block.self_attn(q=flat, k=flat, v=flat).reshape(queries.shape)
@@ -241,10 +242,12 @@ def two_way_transformer(
     point_embedding [B, P, T, C] -> queries [B * P, T, C], keys [B * P, HW, C].
 
     After the first layer every prompt has its own image tokens, yet each attention there
-    pairs 4096 image tokens with only T <= 7 + points prompt tokens. Folding the image-side
-    projections into the prompt side (exact algebra, different rounding) turns each
-    4096 x 256 x 128 projection into a 4096 x 256 x (8 heads x T) product: about 2.3x fewer
-    operations for one click, and a third of the decoder's work per prompt in all.
+    pairs 4096 image tokens with only T = 5 + N prompt tokens (7 for one click and its padding
+    point). Folding the image-side projections into the prompt side (exact algebra, different
+    rounding) turns each 4096 x 256 x 128 projection into a 4096 x 256 x (8 heads x T)
+    product, 2.3x fewer operations for one click: with the first layer shared, a prompt of a
+    segment-everything call costs 1.7 GFLOP instead of upstream's 3.6
+    (`benchmarks/analysis.py`, `decoder_gflop`).
     """
     first, *rest = transformer.layers
     if not first.skip_first_layer_pe:

@@ -39,6 +39,7 @@ from benchmarks.e2e import Profile, decoder_memory, run_end_to_end, runtime_chec
 from benchmarks.peak import run_in_subprocess
 from benchmarks.plan import PLANS, Plan
 from benchmarks.triton_sweeps import (
+    BATCH_PROMPTS,
     READY_TIMEOUT_S,
     Inputs,
     Levels,
@@ -204,7 +205,7 @@ def run_runtime(run: Run) -> None:
     parity = analysis.parity_summary(records)
     for record in records:  # the masks were only needed for the comparison
         record.pop("parity_masks", None)
-    run.section("runtime", {"variants": records, "parity": parity})
+    run.section("runtime", {"variants": records, "parity": parity, "batch_prompts": BATCH_PROMPTS})
 
 
 def run_int8() -> dict[str, Any]:

@@ -254,6 +254,11 @@ def _fmt_ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def decoder_mb_per_prompt(record: Results | None) -> float | None:
+    """A runtime variant's decoder memory per prompt of a call, where it was measured."""
+    return (record or {}).get("decoder_memory", {}).get("per_prompt_mb")
+
+
 def recommend(results: dict[str, Results | None]) -> list[Choice]:
     """The defaults the data supports, compared with what model_repository/ commits."""
     choices: list[Choice] = []
@@ -304,9 +309,7 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
         )
         memory = ""
         if role == DECODER:
-            per_prompt = [
-                (r or {}).get("decoder_memory", {}).get("per_prompt_mb") for r in (ort, ov)
-            ]
+            per_prompt = [decoder_mb_per_prompt(r) for r in (ort, ov)]
             if all(per_prompt):
                 memory = (
                     f"; decoder memory per prompt of a call {per_prompt[1]:.0f} vs "
@@ -333,9 +336,7 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
     huge, small = perf_row(ort, DECODER_BATCH, 1), perf_row(small_pages, DECODER_BATCH, 1)
     if huge and small:
         gain = compute_ms(small) / compute_ms(huge)
-        memory = [
-            (r or {}).get("decoder_memory", {}).get("per_prompt_mb") for r in (ort, small_pages)
-        ]
+        memory = [decoder_mb_per_prompt(r) for r in (ort, small_pages)]
         choices.append(
             Choice(
                 "Triton's malloc (GLIBC_TUNABLES)",

@@ -25,7 +25,6 @@ from benchmarks.analysis import (
     perf_rows,
 )
 from benchmarks.common import PLOTS_DIR, REPORT_PATH, RESULTS_DIR, SECTIONS, read_json
-from benchmarks.triton_sweeps import BATCH_PROMPTS
 from common import contract
 
 RESULT_FILES = ("run", *SECTIONS)
@@ -381,7 +380,9 @@ def runtime_section(
         "",
         perf_table(variants, DECODER),
         "",
-        f"**Decoder**, segment everything's calls ({BATCH_PROMPTS} prompts each; compute per call)",
+        "**Decoder**, segment everything's calls ("
+        + (f"{section['batch_prompts']} prompts each; " if section.get("batch_prompts") else "")
+        + "compute per call)",
         "",
         perf_table(variants, DECODER_BATCH),
         "",

@@ -159,6 +159,23 @@ def batching_variants(run: Run) -> list[Variant]:
                 max_work=4,
             )
         )
+    decoder = base.configs[contract.DECODER_MODEL]
+    if decoder.batching and decoder.max_batch_size is not None:
+        # The decoder's queue (and its bound) with and without merging requests into one call.
+        merged = decoder.max_batch_size > 1
+        variants.append(
+            base.with_changes("batching-1x2", "", instances=1, threads=2).with_model(
+                contract.DECODER_MODEL,
+                analysis.DECODER_OTHER_MAX_BATCH_VARIANT,
+                "dynamic batching, 1 instance x 2 threads, decoder max_batch_size "
+                + (
+                    "1 (the bounded queue kept, requests never merged)"
+                    if merged
+                    else f"{analysis.DECODER_MERGED_MAX_BATCH} (queued requests merged)"
+                ),
+                max_batch_size=1 if merged else analysis.DECODER_MERGED_MAX_BATCH,
+            )
+        )
     if run.plan.fourth_cell:
         variants.append(
             base.with_changes(

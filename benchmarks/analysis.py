@@ -20,6 +20,10 @@ ENCODER = "encoder"
 DECODER = "decoder"  # one click per call
 DECODER_BATCH = "decoder-batch"  # segment everything's calls (many prompts per call)
 SMALL_PAGES_VARIANT = "onnxruntime-fp32-4k-pages"  # without serving/triton.py's malloc tunables
+# The batching sweep's decoder with the other max_batch_size: 1 (never merge requests, queue
+# kept) when the committed config merges, else this merged size.
+DECODER_OTHER_MAX_BATCH_VARIANT = "batching-1x2-decoder-other-max-batch"
+DECODER_MERGED_MAX_BATCH = 8
 # Differences smaller than this are within the run-to-run noise of a shared 2-core machine:
 # the data then does not argue for changing what is committed. A delay whose throughput is
 # within it of the best counts as "as good", and the smaller delay wins, since every request
@@ -259,6 +263,37 @@ def decoder_mb_per_prompt(record: Results | None) -> float | None:
     return (record or {}).get("decoder_memory", {}).get("per_prompt_mb")
 
 
+def _decoder_merging_choice(batching: Results | None, dec_cfg: dict) -> Choice | None:
+    """Whether the decoder's queued requests should be merged into one runtime call: the same
+    dynamic-batching block (so the same bounded queue) with max_batch_size 1 against merged."""
+    committed, other = (
+        variant(batching, name) for name in ("batching-1x2", DECODER_OTHER_MAX_BATCH_VARIANT)
+    )
+    if not (committed and other):
+        return None
+    sizes = [v["configs"][contract.DECODER_MODEL].get("max_batch_size") for v in (committed, other)]
+    single, merged = (other, committed) if sizes[1] == 1 else (committed, other)
+    high = perf_row(single, DECODER, 8), perf_row(merged, DECODER, 8)
+    low = perf_row(single, DECODER, 1), perf_row(merged, DECODER, 1)
+    if not (all(high) and all(low)):
+        return None
+    gain = high[0]["throughput"] / high[1]["throughput"]
+    merged_size = max(s for s in sizes if s is not None)
+    return Choice(
+        "decoder max_batch_size (merging queued requests)",
+        "1"
+        if gain >= 1 + NOISE
+        else str(merged_size)
+        if gain <= 1 - NOISE
+        else f"keep {dec_cfg.get('max_batch_size')} (within noise)",
+        str(dec_cfg.get("max_batch_size")),
+        f"one request per call vs merged (mean batch {high[1].get('avg_batch') or 1:.1f}), both "
+        f"with the bounded queue, at concurrency 8: {spread(high[0])} vs {spread(high[1])} "
+        f"({gain:.2f}x); p50 at concurrency 1 {low[0]['latency_p50_ms']:.0f} vs "
+        f"{low[1]['latency_p50_ms']:.0f} ms",
+    )
+
+
 def recommend(results: dict[str, Results | None]) -> list[Choice]:
     """The defaults the data supports, compared with what model_repository/ commits."""
     choices: list[Choice] = []
@@ -416,6 +451,9 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
                     "(2x1 wins only with more throughput and no latency cost at low load)",
                 )
             )
+    merging = _decoder_merging_choice(batching, dec_cfg)
+    if merging:
+        choices.append(merging)
     per_image = perf_row(variant(batching, "batching-1x2"), ENCODER, 4)
     whole = perf_row(variant(batching, "batching-1x2-whole"), ENCODER, 4)
     if per_image and whole:

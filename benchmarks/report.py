@@ -295,8 +295,9 @@ def batching_section(
         "",
         "The three-way comparison of Triton's dynamic-batching tutorial (no batching; "
         "batching; batching with several instances), plus, for the encoder, its batches run "
-        "whole instead of one image per runtime call; every level in alternating rounds "
-        "(median, and the range over the rounds in brackets). "
+        "whole instead of one image per runtime call, and for the decoder the other "
+        "max_batch_size (1: queued requests never merged, the bounded queue kept); every "
+        "level in alternating rounds (median, and the range over the rounds in brackets). "
         "Instances x threads is kept at 2 (the cores). Decoder requests are one click "
         "(P=1, N=2) on one image's embedding; encoder requests are a 1024x768 and a 768x1024 "
         "image, padded. Queue and compute are Triton's own averages; p50/p95/p99 are "

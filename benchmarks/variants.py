@@ -2,9 +2,9 @@
 
 Every variant starts from the committed configuration, read from the files themselves, so a
 change to model_repository/ is what the next benchmark measures. The edits are the knobs that
-matter on a CPU: dynamic batching removed or present (with a queue delay), instance count,
-threads per instance, runtime and precision. Each variant is one folder under build/bench/
-served by its own Triton.
+matter on a CPU: dynamic batching removed or present (with a queue delay), the largest batch
+Triton may merge, instance count, threads per instance, runtime and precision. Each variant
+is one folder under build/bench/ served by its own Triton.
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ class ModelConfig:
     runtime: str
     precision: str
     max_work: int | None = None  # max_work_per_run: batch items (or prompts) per runtime call
+    max_batch_size: int | None = None  # requests' batch items Triton may merge into one
 
     def describe(self) -> str:
         batching = f"batching {self.queue_delay_us} us" if self.batching else "no batching"
+        if self.batching and self.max_batch_size == 1:
+            batching += ", max batch 1"
         return (
             f"{self.runtime} {self.precision}, {self.instances}x{self.threads} threads, {batching}"
         )
@@ -46,6 +49,7 @@ class ModelConfig:
 
 _PARAMETER = r'(\{{\s*key:\s*"{key}",\s*value:\s*\{{\s*string_value:\s*)"([^"]*)"'
 _INSTANCE_COUNT = r"(instance_group\s*\[\s*\{\s*count:\s*)(\d+)"
+_MAX_BATCH_SIZE = r"(?m)(^max_batch_size:\s*)(\d+)"
 _QUEUE_DELAY = r"(max_queue_delay_microseconds:\s*)(\d+)"
 
 
@@ -102,6 +106,7 @@ def read_config(text: str) -> ModelConfig:
         max_work=int(found.group(2))
         if (found := re.search(_PARAMETER.format(key="max_work_per_run"), text))
         else None,
+        max_batch_size=int(_search(_MAX_BATCH_SIZE, text, "max_batch_size").group(2)),
     )
 
 
@@ -124,6 +129,8 @@ def apply_config(text: str, config: ModelConfig) -> str:
             block = f"{head}{{\n  max_queue_delay_microseconds: {delay}{tail}"
         text = text[:start] + block + text[end:]
     text = _replace(_INSTANCE_COUNT, text, str(config.instances), "instance_group count")
+    if config.max_batch_size is not None:
+        text = _replace(_MAX_BATCH_SIZE, text, str(config.max_batch_size), "max_batch_size")
     for key, value in (
         ("intra_op_threads", str(config.threads)),
         ("runtime", config.runtime),

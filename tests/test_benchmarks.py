@@ -127,6 +127,7 @@ def test_config_edits_round_trip() -> None:
         runtime="openvino",
         precision="bf16",
         max_work=4,
+        max_batch_size=1,
     )
 
     result = variants.apply_config(text, edited)
@@ -421,6 +422,33 @@ def test_the_decoder_runtime_weighs_segment_everythings_calls_too() -> None:
 
     assert choice.choice == "openvino"
     assert "segment everything's calls 1200 ms vs 2400 ms (2.00x)" in choice.why
+
+
+def test_the_decoder_merging_choice_compares_max_batch_sizes_with_the_same_queue() -> None:
+    results = synthetic_results()
+    merged = _variant(
+        "batching-1x2",
+        [_perf("decoder", 1, 20, 45), _perf("decoder", 8, 30, 120, 2)],
+        max_batch_size=8,
+    )
+    single = _variant(
+        analysis.DECODER_OTHER_MAX_BATCH_VARIANT,
+        [_perf("decoder", 1, 21, 44), _perf("decoder", 8, 36, 60)],
+        max_batch_size=1,
+    )
+    results["batching"]["variants"][1:] = [merged, single]
+    knob = "decoder max_batch_size (merging queued requests)"
+
+    choice = {c.knob: c for c in analysis.recommend(results)}[knob]
+
+    assert choice.choice == "1"  # 36 vs 30/s
+    assert "(1.20x)" in choice.why and "mean batch 2.0" in choice.why
+
+    single["results"][1]["throughput"] = 31.0  # within the noise: keep what is committed
+    results["e2e"]["configs"]["mobilesam_decoder"]["max_batch_size"] = 8
+    choice = {c.knob: c for c in analysis.recommend(results)}[knob]
+    assert choice.choice == "keep 8 (within noise)"
+    assert knob not in {c.knob for c in analysis.recommend(synthetic_results())}
 
 
 def test_queue_delay_prefers_the_smallest_delay_that_is_as_good() -> None:

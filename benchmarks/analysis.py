@@ -263,7 +263,7 @@ def decoder_mb_per_prompt(record: Results | None) -> float | None:
     return (record or {}).get("decoder_memory", {}).get("per_prompt_mb")
 
 
-def _decoder_merging_choice(batching: Results | None, dec_cfg: dict) -> Choice | None:
+def _decoder_merging_choice(batching: Results | None) -> Choice | None:
     """Whether the decoder's queued requests should be merged into one runtime call: the same
     dynamic-batching block (so the same bounded queue) with max_batch_size 1 against merged."""
     committed, other = (
@@ -271,6 +271,7 @@ def _decoder_merging_choice(batching: Results | None, dec_cfg: dict) -> Choice |
     )
     if not (committed and other):
         return None
+    # "batching-1x2" is the committed config (its instances x threads set to 1x2).
     sizes = [v["configs"][contract.DECODER_MODEL].get("max_batch_size") for v in (committed, other)]
     single, merged = (other, committed) if sizes[1] == 1 else (committed, other)
     high = perf_row(single, DECODER, 8), perf_row(merged, DECODER, 8)
@@ -285,8 +286,8 @@ def _decoder_merging_choice(batching: Results | None, dec_cfg: dict) -> Choice |
         if gain >= 1 + NOISE
         else str(merged_size)
         if gain <= 1 - NOISE
-        else f"keep {dec_cfg.get('max_batch_size')} (within noise)",
-        str(dec_cfg.get("max_batch_size")),
+        else f"keep {sizes[0]} (within noise)",
+        str(sizes[0]),
         f"one request per call vs merged (mean batch {high[1].get('avg_batch') or 1:.1f}), both "
         f"with the bounded queue, at concurrency 8: {spread(high[0])} vs {spread(high[1])} "
         f"({gain:.2f}x); p50 at concurrency 1 {low[0]['latency_p50_ms']:.0f} vs "
@@ -451,7 +452,7 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
                     "(2x1 wins only with more throughput and no latency cost at low load)",
                 )
             )
-    merging = _decoder_merging_choice(batching, dec_cfg)
+    merging = _decoder_merging_choice(batching)
     if merging:
         choices.append(merging)
     per_image = perf_row(variant(batching, "batching-1x2"), ENCODER, 4)

@@ -445,7 +445,6 @@ def test_the_decoder_merging_choice_compares_max_batch_sizes_with_the_same_queue
     assert "(1.20x)" in choice.why and "mean batch 2.0" in choice.why
 
     single["results"][1]["throughput"] = 31.0  # within the noise: keep what is committed
-    results["e2e"]["configs"]["mobilesam_decoder"]["max_batch_size"] = 8
     choice = {c.knob: c for c in analysis.recommend(results)}[knob]
     assert choice.choice == "keep 8 (within noise)"
     assert knob not in {c.knob for c in analysis.recommend(synthetic_results())}

@@ -209,6 +209,22 @@ def run_runtime(run: Run) -> None:
             GLIBC_TUNABLES="glibc.malloc.hugetlb=0",
         ),
     ]
+    decoder = base.configs[contract.DECODER_MODEL]
+    if decoder.memory_arena is not None and decoder.max_work is not None:
+        # The decoder's other memory arena setting at about the same peak memory: the arena
+        # holds about twice the live activations, so it gets half the prompts per call.
+        arena = decoder.memory_arena == "true"
+        variants.append(
+            base.with_changes("", "", runtime="onnxruntime", precision="fp32").with_model(
+                contract.DECODER_MODEL,
+                analysis.OTHER_ARENA_VARIANT,
+                f"ONNX Runtime fp32, the decoder {'without' if arena else 'with'} its memory "
+                f"arena, {decoder.max_work * 2 if arena else decoder.max_work // 2} prompts "
+                "per call",
+                memory_arena="false" if arena else "true",
+                max_work=decoder.max_work * 2 if arena else max(1, decoder.max_work // 2),
+            )
+        )
 
     def checks(server: TritonServer, repository: Path) -> dict[str, Any]:
         return runtime_checks(run.plan, server, repository, run.parity_photos, run.pool)

@@ -24,6 +24,8 @@ SMALL_PAGES_VARIANT = "onnxruntime-fp32-4k-pages"  # without serving/triton.py's
 # kept) when the committed config merges, else this merged size.
 DECODER_OTHER_MAX_BATCH_VARIANT = "batching-1x2-decoder-other-max-batch"
 DECODER_MERGED_MAX_BATCH = 8
+# The runtime sweep's ONNX Runtime decoder with the other memory_arena setting.
+OTHER_ARENA_VARIANT = "onnxruntime-fp32-other-arena"
 # Differences smaller than this are within the run-to-run noise of a shared 2-core machine:
 # the data then does not argue for changing what is committed. A delay whose throughput is
 # within it of the best counts as "as good", and the smaller delay wins, since every request
@@ -295,6 +297,48 @@ def _decoder_merging_choice(batching: Results | None) -> Choice | None:
     )
 
 
+def _decoder_arena_choice(committed: Results | None, other: Results | None) -> Choice | None:
+    """ONNX Runtime's memory arena for the decoder, each setting at its own prompts per call:
+    segment everything's calls and one click, and the memory of a call."""
+    configs = [
+        (r or {}).get("configs", {}).get(contract.DECODER_MODEL, {}) for r in (committed, other)
+    ]
+    if not all(c.get("memory_arena") for c in configs):
+        return None
+    with_arena, without = (
+        (committed, other) if configs[0]["memory_arena"] == "true" else (other, committed)
+    )
+    batch = perf_row(with_arena, DECODER_BATCH, 1), perf_row(without, DECODER_BATCH, 1)
+    click = perf_row(with_arena, DECODER, 1), perf_row(without, DECODER, 1)
+    if not (all(batch) and all(click)):
+        return None
+    batch_gain = compute_ms(batch[1]) / compute_ms(batch[0])
+    click_gain = compute_ms(click[1]) / compute_ms(click[0])
+    gain = statistics.mean([batch_gain, click_gain])
+    committed_setting = "on" if configs[0]["memory_arena"] == "true" else "off"
+    memory = [(r.get("decoder_memory") or {}) for r in (with_arena, without)]
+    memory_note = ""
+    if all("peak_mb" in m for m in memory):
+        memory_note = "; a call's peak " + " vs ".join(
+            f"{m['peak_mb']:.0f} MB ({m['prompts']} prompts), "
+            f"{m.get('resident_idle_mb', m['resident_after_mb']):.0f} MB once idle"
+            for m in memory
+        )
+    return Choice(
+        "decoder memory arena (ONNX Runtime)",
+        "on"
+        if gain >= 1 + NOISE
+        else "off"
+        if gain <= 1 - NOISE
+        else f"keep {committed_setting} (within noise)",
+        committed_setting,
+        f"with vs without, medians of alternating trials: compute of segment everything's calls "
+        f"{spread(batch[0], 'compute_range', ' ms')} vs {spread(batch[1], 'compute_range', ' ms')} "
+        f"({batch_gain:.2f}x), one click {spread(click[0], 'compute_range', ' ms')} vs "
+        f"{spread(click[1], 'compute_range', ' ms')} ({click_gain:.2f}x)" + memory_note,
+    )
+
+
 def recommend(results: dict[str, Results | None]) -> list[Choice]:
     """The defaults the data supports, compared with what model_repository/ commits."""
     choices: list[Choice] = []
@@ -392,6 +436,9 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
                 ),
             )
         )
+    arena = _decoder_arena_choice(ort, variant(runtime, OTHER_ARENA_VARIANT))
+    if arena:
+        choices.append(arena)
     bf16_enc = perf_row(bf16, ENCODER, 1)
     if bf16_enc and ov_enc:
         parity = _parity(runtime, "openvino-bf16", "openvino-fp32")

@@ -403,11 +403,17 @@ def runtime_checks(
     return record
 
 
+# A few calls: an arena reaches its steady size only after the first; then long enough idle
+# for the stub to give memory back (model.py's IdleTrim: 5 s idle, checked every 2.5 s).
+MEMORY_PROBE_CALLS = 3
+MEMORY_PROBE_IDLE_S = 10.0
+
+
 def decoder_memory(server: TritonServer) -> dict[str, Any]:
-    """What one call of `max_work_per_run` prompts (the most a runtime call gets) costs the
-    decoder stub: its resident memory before, its peak and what it keeps after. On a fresh
-    server, before any other request: a runtime that keeps its buffers (OpenVINO) would
-    otherwise show only what it adds to what earlier calls left."""
+    """What calls of `max_work_per_run` prompts (the most a runtime call gets) cost the
+    decoder stub: its resident memory before, its peak, what it keeps right after and what it
+    keeps once idle. On a fresh server, before any other request: a runtime that keeps its
+    buffers (OpenVINO) would otherwise show only what it adds to what earlier calls left."""
     import numpy as np
     import tritonclient.http as httpclient
 
@@ -437,14 +443,19 @@ def decoder_memory(server: TritonServer) -> dict[str, Any]:
         stub = stub_pid(server.process.pid, model)
         reset_peak_rss(stub)
         before = rss_mb(stub)
-        client.infer(model, tensors)
+        for _ in range(MEMORY_PROBE_CALLS):
+            client.infer(model, tensors)
         peak, after = rss_mb(stub, "VmHWM"), rss_mb(stub)
+        time.sleep(MEMORY_PROBE_IDLE_S)
+        idle = rss_mb(stub)
     finally:
         client.close()
     return {
         "prompts": prompts,
+        "calls": MEMORY_PROBE_CALLS,
         "resident_before_mb": round(before, 1),
         "peak_mb": round(peak, 1),
         "resident_after_mb": round(after, 1),
+        "resident_idle_mb": round(idle, 1),
         "per_prompt_mb": round((peak - before) / prompts, 1),
     }

@@ -392,23 +392,35 @@ def runtime_section(
     memory_rows = [
         [
             record["name"],
-            record["decoder_memory"]["prompts"],
-            _ms(record["decoder_memory"]["resident_before_mb"]),
-            _ms(record["decoder_memory"]["peak_mb"]),
-            _ms(record["decoder_memory"]["resident_after_mb"]),
-            f"{record['decoder_memory']['per_prompt_mb']:.1f}",
+            memory["prompts"],
+            memory.get("calls", 1),
+            _ms(memory["resident_before_mb"]),
+            _ms(memory["peak_mb"]),
+            _ms(memory["resident_after_mb"]),
+            _ms(memory["resident_idle_mb"]) if "resident_idle_mb" in memory else "",
+            f"{memory['per_prompt_mb']:.1f}",
         ]
         for record in variants
-        if record.get("decoder_memory")
+        if (memory := record.get("decoder_memory"))
     ]
     if memory_rows:
         out += [
             "**Decoder memory** (a fresh server's decoder stub: its resident memory before "
-            "one call of `max_work_per_run` prompts, the most one runtime call gets, its peak "
-            "during the call and what it keeps after; per prompt: peak over before):",
+            "calls of `max_work_per_run` prompts, the most one runtime call gets, its peak "
+            "during them, what it keeps right after them and once idle; per prompt: peak over "
+            "before):",
             "",
             table(
-                ["variant", "prompts", "before MB", "peak MB", "after MB", "MB per prompt"],
+                [
+                    "variant",
+                    "prompts",
+                    "calls",
+                    "before MB",
+                    "peak MB",
+                    "after MB",
+                    "idle MB",
+                    "MB per prompt",
+                ],
                 memory_rows,
             ),
             "",

@@ -3,7 +3,8 @@
 Every variant starts from the committed configuration, read from the files themselves, so a
 change to model_repository/ is what the next benchmark measures. The edits are the knobs that
 matter on a CPU: dynamic batching removed or present (with a queue delay), the largest batch
-Triton may merge, instance count, threads per instance, runtime and precision. Each variant
+Triton may merge, instance count, threads per instance, runtime, precision and ONNX Runtime's
+memory arena. Each variant
 is one folder under build/bench/ served by its own Triton.
 """
 
@@ -37,6 +38,7 @@ class ModelConfig:
     precision: str
     max_work: int | None = None  # max_work_per_run: batch items (or prompts) per runtime call
     max_batch_size: int | None = None  # requests' batch items Triton may merge into one
+    memory_arena: str | None = None  # "true": ONNX Runtime keeps its buffers until idle
 
     def describe(self) -> str:
         batching = f"batching {self.queue_delay_us} us" if self.batching else "no batching"
@@ -103,11 +105,15 @@ def read_config(text: str) -> ModelConfig:
         threads=int(_search(_PARAMETER.format(key="intra_op_threads"), text, "threads").group(2)),
         runtime=_search(_PARAMETER.format(key="runtime"), text, "runtime").group(2),
         precision=_search(_PARAMETER.format(key="precision"), text, "precision").group(2),
-        max_work=int(found.group(2))
-        if (found := re.search(_PARAMETER.format(key="max_work_per_run"), text))
-        else None,
+        max_work=int(work) if (work := _optional_parameter(text, "max_work_per_run")) else None,
         max_batch_size=int(_search(_MAX_BATCH_SIZE, text, "max_batch_size").group(2)),
+        memory_arena=_optional_parameter(text, "memory_arena"),
     )
+
+
+def _optional_parameter(text: str, key: str) -> str | None:
+    found = re.search(_PARAMETER.format(key=key), text)
+    return found.group(2) if found else None
 
 
 def apply_config(text: str, config: ModelConfig) -> str:
@@ -137,9 +143,12 @@ def apply_config(text: str, config: ModelConfig) -> str:
         ("precision", config.precision),
     ):
         text = _replace(_PARAMETER.format(key=key), text, f'"{value}"', key)
-    if config.max_work is not None and config.max_work != current.max_work:
-        key = "max_work_per_run"
-        text = _replace(_PARAMETER.format(key=key), text, f'"{config.max_work}"', key)
+    for key, value, committed in (
+        ("max_work_per_run", config.max_work, current.max_work),
+        ("memory_arena", config.memory_arena, current.memory_arena),
+    ):
+        if value is not None and value != committed:
+            text = _replace(_PARAMETER.format(key=key), text, f'"{value}"', key)
     return text
 
 

@@ -142,6 +142,16 @@ def test_config_edits_round_trip() -> None:
     assert 'name: "images"' in unbatched and "parameters [" in unbatched
 
 
+def test_the_decoder_memory_arena_is_a_knob() -> None:
+    text = (ENCODER_CONFIG.parent.parent / "mobilesam_decoder" / "config.pbtxt").read_text()
+    config = variants.read_config(text)
+    assert config.memory_arena in ("true", "false")
+    other = "false" if config.memory_arena == "true" else "true"
+    edited = variants.ModelConfig(**{**vars(config), "memory_arena": other, "max_work": 7})
+
+    assert variants.read_config(variants.apply_config(text, edited)) == edited
+
+
 def test_block_span_skips_braces_in_comments() -> None:
     text = "a: 1\ndynamic_batching {\n  # a } in a comment\n  x { y: 1 }\n}\nb: 2\n"
     start, end = variants.block_span(text, "dynamic_batching")
@@ -448,6 +458,32 @@ def test_the_decoder_merging_choice_compares_max_batch_sizes_with_the_same_queue
     choice = {c.knob: c for c in analysis.recommend(results)}[knob]
     assert choice.choice == "keep 8 (within noise)"
     assert knob not in {c.knob for c in analysis.recommend(synthetic_results())}
+
+
+def test_the_arena_choice_weighs_both_decoder_workloads_and_shows_memory() -> None:
+    results = synthetic_results()
+    runtime = results["runtime"]["variants"]
+    committed = runtime[0]
+    committed["configs"]["mobilesam_decoder"]["memory_arena"] = "true"
+    committed["results"].append(_perf(analysis.DECODER_BATCH, 1, 0.4, 2000))
+    committed["decoder_memory"] = {"prompts": 16, "peak_mb": 1000.0, "resident_after_mb": 1000.0}
+    other = _variant(
+        analysis.OTHER_ARENA_VARIANT,
+        [_perf("decoder", 1, 20, 57), _perf(analysis.DECODER_BATCH, 1, 0.4, 2600)],
+        memory_arena="false",
+    )
+    other["decoder_memory"] = {"prompts": 32, "peak_mb": 870.0, "resident_after_mb": 160.0}
+    runtime.append(other)
+    knob = "decoder memory arena (ONNX Runtime)"
+
+    choice = {c.knob: c for c in analysis.recommend(results)}[knob]
+
+    assert choice.choice == "on"  # 2600 vs 2000 ms and 57 vs 38 ms: mean gain 1.40x
+    assert "(1.30x)" in choice.why and "(1.50x)" in choice.why
+    assert "1000 MB (16 prompts), 1000 MB once idle vs 870 MB (32 prompts)" in choice.why
+    other["results"] = [_perf("decoder", 1, 20, 38), _perf(analysis.DECODER_BATCH, 1, 0.4, 2100)]
+    choice = {c.knob: c for c in analysis.recommend(results)}[knob]
+    assert choice.choice == "keep on (within noise)"
 
 
 def test_queue_delay_prefers_the_smallest_delay_that_is_as_good() -> None:

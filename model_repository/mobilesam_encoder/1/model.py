@@ -9,6 +9,8 @@ precision and the thread count come from its `parameters`:
   intra_op_threads  threads per instance; instances x threads should not exceed the cores
   max_work_per_run  the most batch items (or, with prompt_tensors, prompts) one runtime
                     call gets: bounds its memory (default: max_batch_size)
+  memory_arena      "true": ONNX Runtime keeps its buffers between calls and gives them back
+                    once the model is idle; "false" (default): every call allocates afresh
   prompt_tensors    comma-separated tensors whose axis 1 counts prompts (the decoder's)
 
 The environment variable PRECISION (the `precision` of common/settings.py, inherited from
@@ -29,6 +31,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -36,7 +39,17 @@ from batching import run_all
 
 
 class OnnxRuntimeRunner:
-    def __init__(self, path: str, threads: int, precision: str) -> None:
+    """ONNX Runtime's CPU provider, with or without its memory arena.
+
+    Without the arena every buffer of a call is fresh memory from malloc, whose large chunks
+    are new pages the kernel faults in and zeroes on every call. The arena reuses its
+    buffers, but it keeps the peak of every call (about twice the live memory) for the life
+    of the process, so a runner with the arena gives it back when idle: ONNX Runtime shrinks
+    an arena only at the end of a run that asks for it, so `release_memory` makes the
+    smallest such run.
+    """
+
+    def __init__(self, path: str, threads: int, precision: str, arena: bool = False) -> None:
         import onnxruntime as ort
 
         if precision != "fp32":
@@ -46,14 +59,29 @@ class OnnxRuntimeRunner:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ONNX Runtime's arena keeps the peak of every run for the life of the process (the
-        # decoder's ~50 MB per prompt of a large batch); without it, memory returns to the
-        # baseline after each call at no measured cost in speed (RELIABILITY.md).
-        options.enable_cpu_mem_arena = False
+        options.enable_cpu_mem_arena = arena
         self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.arena = arena
+        self.shrink = ort.RunOptions()
+        self.shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
         return self.session.run(output_names, inputs)
+
+    def release_memory(self) -> None:
+        """Free the arena's idle buffers: one run of the smallest inputs (zeros, every
+        variable axis 1) that asks ONNX Runtime to shrink the arena when it ends."""
+        if not self.arena:
+            return
+        types = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int32)": np.int32}
+        smallest = {
+            tensor.name: np.zeros(
+                [axis if isinstance(axis, int) else 1 for axis in tensor.shape],
+                types[tensor.type],
+            )
+            for tensor in self.session.get_inputs()
+        }
+        self.session.run(None, smallest, self.shrink)
 
 
 class OpenVinoRunner:
@@ -83,6 +111,9 @@ class OpenVinoRunner:
         # A port can carry several tensor names; look each output up by any of them.
         return [np.asarray(results[self.model.output(name)]) for name in output_names]
 
+    def release_memory(self) -> None:
+        """OpenVINO keeps its buffers for its compiled shapes; nothing to give back here."""
+
 
 RUNNERS = {"onnxruntime": OnnxRuntimeRunner, "openvino": OpenVinoRunner}
 # The precision profile (common/settings.py `precision`; tests/test_precision.py checks the
@@ -106,13 +137,15 @@ class IdleTrim:
     """Give freed memory back to the system once the model has been idle for a while.
 
     A runtime call frees its activations (up to ~1 GB for four images), but glibc keeps them
-    in its arenas: the stub would stay at its peak for good. Trimming after every call would
-    make the next one fault its pages in again; trimming once idle costs nothing.
+    in its arenas, and a runtime's own arena keeps them too (`release`): the stub would stay
+    at its peak for good. Releasing after every call would make the next one fault its pages
+    in again; releasing once idle costs a busy model nothing.
     """
 
-    def __init__(self, idle_s: float = 5.0) -> None:
+    def __init__(self, release: Callable[[], None], idle_s: float = 5.0) -> None:
         path = ctypes.util.find_library("c")
         self.libc = ctypes.CDLL(path) if path else None
+        self.release = release
         self.idle_s = idle_s
         self.lock = threading.Lock()
         self.running = 0
@@ -139,6 +172,10 @@ class IdleTrim:
                 if not (idle and self.dirty):
                     continue
                 self.dirty = False
+            try:
+                self.release()
+            except Exception as exc:  # a failed release must not end the trimming
+                pb_utils.Logger.log_warn(f"releasing the runtime's memory failed: {exc}")
             self.libc.malloc_trim(0)
 
 
@@ -161,13 +198,16 @@ class TritonPythonModel:
             for tensor in config["output"]
         ]
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        self.runner = RUNNERS[runtime](path, threads, precision)
-        self.idle_trim = IdleTrim()
+        arena = parameters.get("memory_arena", "false").strip().lower() == "true"
+        options = {"arena": arena} if runtime == "onnxruntime" else {}
+        self.runner = RUNNERS[runtime](path, threads, precision, **options)
+        self.idle_trim = IdleTrim(self.runner.release_memory)
         self.logger = pb_utils.Logger
         computes = getattr(self.runner, "computes", precision)
         self.logger.log_info(
             f"{config['name']}: {runtime} {precision} (computes {computes}), {threads} threads, "
             f"max_batch_size {config.get('max_batch_size', 0)}, {self.max_work} per run"
+            + (", memory arena released when idle" if arena and runtime == "onnxruntime" else "")
         )
 
     def execute(self, requests: list) -> list:

@@ -214,15 +214,15 @@ def run_runtime(run: Run) -> None:
         # The decoder's other memory arena setting at about the same peak memory: the arena
         # holds about twice the live activations, so it gets half the prompts per call.
         arena = decoder.memory_arena == "true"
+        prompts = decoder.max_work * 2 if arena else max(1, decoder.max_work // 2)
         variants.append(
             base.with_changes("", "", runtime="onnxruntime", precision="fp32").with_model(
                 contract.DECODER_MODEL,
                 analysis.OTHER_ARENA_VARIANT,
                 f"ONNX Runtime fp32, the decoder {'without' if arena else 'with'} its memory "
-                f"arena, {decoder.max_work * 2 if arena else decoder.max_work // 2} prompts "
-                "per call",
+                f"arena, {prompts} prompts per call",
                 memory_arena="false" if arena else "true",
-                max_work=decoder.max_work * 2 if arena else max(1, decoder.max_work // 2),
+                max_work=prompts,
             )
         )
 

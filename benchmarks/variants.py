@@ -4,8 +4,7 @@ Every variant starts from the committed configuration, read from the files thems
 change to model_repository/ is what the next benchmark measures. The edits are the knobs that
 matter on a CPU: dynamic batching removed or present (with a queue delay), the largest batch
 Triton may merge, instance count, threads per instance, runtime, precision and ONNX Runtime's
-memory arena. Each variant
-is one folder under build/bench/ served by its own Triton.
+memory arena. Each variant is one folder under build/bench/ served by its own Triton.
 """
 
 from __future__ import annotations

@@ -260,6 +260,16 @@ def _fmt_ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def _verdict(gain: float, better: str, worse: str, within: str) -> str:
+    """What a measured gain of a candidate over the alternative argues for: `better` beyond
+    the noise, `worse` below it, else `within`."""
+    if gain >= 1 + NOISE:
+        return better
+    if gain <= 1 - NOISE:
+        return worse
+    return within
+
+
 def decoder_mb_per_prompt(record: Results | None) -> float | None:
     """A runtime variant's decoder memory per prompt of a call, where it was measured."""
     return (record or {}).get("decoder_memory", {}).get("per_prompt_mb")
@@ -284,11 +294,7 @@ def _decoder_merging_choice(batching: Results | None) -> Choice | None:
     merged_size = max(s for s in sizes if s is not None)
     return Choice(
         "decoder max_batch_size (merging queued requests)",
-        "1"
-        if gain >= 1 + NOISE
-        else str(merged_size)
-        if gain <= 1 - NOISE
-        else f"keep {sizes[0]} (within noise)",
+        _verdict(gain, "1", str(merged_size), f"keep {sizes[0]} (within noise)"),
         str(sizes[0]),
         f"one request per call vs merged (mean batch {high[1].get('avg_batch') or 1:.1f}), both "
         f"with the bounded queue, at concurrency 8: {spread(high[0])} vs {spread(high[1])} "
@@ -326,11 +332,7 @@ def _decoder_arena_choice(committed: Results | None, other: Results | None) -> C
         )
     return Choice(
         "decoder memory arena (ONNX Runtime)",
-        "on"
-        if gain >= 1 + NOISE
-        else "off"
-        if gain <= 1 - NOISE
-        else f"keep {committed_setting} (within noise)",
+        _verdict(gain, "on", "off", f"keep {committed_setting} (within noise)"),
         committed_setting,
         f"with vs without, medians of alternating trials: compute of segment everything's calls "
         f"{spread(batch[0], 'compute_range', ' ms')} vs {spread(batch[1], 'compute_range', ' ms')} "
@@ -380,12 +382,8 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
                 f"{spread(batch[0], 'compute_range', ' ms')} ({batch_gain:.2f}x)"
             )
         gain = statistics.mean(gains)
-        choice = (
-            "openvino"
-            if gain >= 1 + NOISE
-            else "onnxruntime"
-            if gain <= 1 - NOISE
-            else f"keep {model_cfg.get('runtime')} (within noise)"
+        choice = _verdict(
+            gain, "openvino", "onnxruntime", f"keep {model_cfg.get('runtime')} (within noise)"
         )
         memory = ""
         if role == DECODER:
@@ -420,11 +418,7 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
         choices.append(
             Choice(
                 "Triton's malloc (GLIBC_TUNABLES)",
-                "transparent huge pages"
-                if gain >= 1 + NOISE
-                else "4 KB pages"
-                if gain <= 1 - NOISE
-                else "either (within noise)",
+                _verdict(gain, "transparent huge pages", "4 KB pages", "either (within noise)"),
                 "transparent huge pages (serving/triton.py)",
                 f"ONNX Runtime decoder, compute of segment everything's calls "
                 f"{spread(huge, 'compute_range', ' ms')} with huge pages vs "
@@ -467,11 +461,12 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
             choices.append(
                 Choice(
                     f"{role} dynamic batching",
-                    "on"
-                    if gain >= 1 + NOISE
-                    else "off (or max batch 1)"
-                    if gain <= 1 - NOISE
-                    else f"keep {'on' if model_cfg.get('batching') else 'off'} (within noise)",
+                    _verdict(
+                        gain,
+                        "on",
+                        "off (or max batch 1)",
+                        f"keep {'on' if model_cfg.get('batching') else 'off'} (within noise)",
+                    ),
                     "on" if model_cfg.get("batching") else "off",
                     f"at concurrency {level}: {spread(on)} with batching "
                     f"(mean batch {on.get('avg_batch') or 1:.1f}) vs {spread(off)} "
@@ -509,11 +504,9 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
         choices.append(
             Choice(
                 "encoder images per runtime call (max_work_per_run)",
-                "1"
-                if gain >= 1 + NOISE
-                else "whole batches"
-                if gain <= 1 - NOISE
-                else f"keep {enc_cfg.get('max_work')} (within noise)",
+                _verdict(
+                    gain, "1", "whole batches", f"keep {enc_cfg.get('max_work')} (within noise)"
+                ),
                 str(enc_cfg.get("max_work")),
                 f"at concurrency 4: {spread(per_image)} one image per call vs {spread(whole)} "
                 f"with whole batches ({gain:.2f}x; mean batch "

@@ -74,12 +74,14 @@ def _install_file(source: Path, target: Path) -> None:
     staging.replace(target)
 
 
-# glibc serves large allocations (a decoder call's activations, tens of MB per prompt) with
-# fresh mmap'd pages and unmaps them when freed, so every call faults its memory in again,
-# 4 KB at a time. With transparent huge pages for those chunks (the kernel's THP mode
-# "madvise"; no effect under "always" or "never") the faults are 512x fewer and memory
-# still returns after each call, unlike ONNX Runtime's arena, which keeps its peak.
-# BENCHMARKS.md, "Runtime and precision", measures it against 4 KB pages.
+# glibc serves large allocations (a runtime call's activations, tens of MB) with fresh
+# mmap'd pages and unmaps them when freed, so every call faults that memory in again, 4 KB at
+# a time. With transparent huge pages for those chunks (the kernel's THP mode "madvise"; no
+# effect under "always" or "never") the faults are 512x fewer and the memory still returns
+# after each call. It made the decoder's calls 1.22x faster before the decoder kept ONNX
+# Runtime's arena, which reuses its buffers; it still serves what is allocated afresh (a
+# model without the arena, OpenVINO, the backend's numpy). BENCHMARKS.md, "Defaults chosen
+# from the data", measures it against 4 KB pages.
 MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 

@@ -126,14 +126,28 @@ def test_decoder_matches_pytorch(triton_client, settings, sam, reference_embeddi
     compare_outputs(contract.IOU_PREDICTIONS, result.as_numpy(contract.IOU_PREDICTIONS)[0], ref_iou)
 
 
+def _grid_clicks(
+    rng: np.random.Generator, prompts: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segment-everything style prompts: one foreground click each, with upstream's padding
+    point. Returns the clicks [P, 1, 2], coordinates [P, 2, 2] and labels [P, 2]."""
+    points = rng.uniform(0, IMAGE_SIZE, (prompts, 1, 2)).astype(np.float32)
+    coords = np.concatenate([points, np.zeros((prompts, 1, 2), np.float32)], axis=1)
+    labels = np.tile(np.array([1.0, -1.0], np.float32), (prompts, 1))
+    return points, coords, labels
+
+
+def _prompts_per_run(decoder_config: dict) -> int:
+    """The most prompts one decoder runtime call gets (config.pbtxt's max_work_per_run)."""
+    return int(decoder_config["parameters"]["max_work_per_run"]["string_value"])
+
+
 def test_decoder_takes_many_prompts_with_one_embedding(
     triton_client, settings, sam, reference_embeddings
 ):
     """Segment-everything style: one embedding, many single-point prompts, per-prompt masks."""
     rng = np.random.default_rng(11)
-    points = rng.uniform(0, IMAGE_SIZE, (24, 1, 2)).astype(np.float32)
-    coords = np.concatenate([points, np.zeros((24, 1, 2), np.float32)], axis=1)
-    labels = np.tile(np.array([1.0, -1.0], np.float32), (24, 1))
+    points, coords, labels = _grid_clicks(rng, 24)
     mask_input = rng.normal(0, 4, (1, 24, 1, MASK_SIDE, MASK_SIDE)).astype(np.float32)
     has_mask = (np.arange(24) % 2).astype(np.float32)[None]  # every other prompt uses a mask
     result = triton_client.infer(
@@ -158,13 +172,9 @@ def test_a_large_decoder_request_runs_in_bounded_calls(
 ):
     """More prompts than one runtime call may take (max_work_per_run): split, same answers,
     bounded memory. Unbounded, the stub would need memory for all of them at once."""
-    config = triton_client.get_model_config(settings.decoder_model)
-    per_run = int(config["parameters"]["max_work_per_run"]["string_value"])
+    per_run = _prompts_per_run(triton_client.get_model_config(settings.decoder_model))
     prompts = 3 * per_run + 5
-    rng = np.random.default_rng(12)
-    points = rng.uniform(0, IMAGE_SIZE, (prompts, 1, 2)).astype(np.float32)
-    coords = np.concatenate([points, np.zeros((prompts, 1, 2), np.float32)], axis=1)
-    labels = np.tile(np.array([1.0, -1.0], np.float32), (prompts, 1))
+    _, coords, labels = _grid_clicks(np.random.default_rng(12), prompts)
     embedding = reference_embeddings[2:3]
     whole = triton_client.infer(
         settings.decoder_model, decoder_inputs(embedding, coords[None], labels[None])
@@ -190,11 +200,8 @@ def test_the_decoder_gives_its_memory_back_once_idle(
     """ONNX Runtime's arena keeps a call's buffers while the model is busy; once it is idle,
     the stub releases them (model.py, IdleTrim)."""
     config = triton_client.get_model_config(settings.decoder_model)
-    prompts = int(config["parameters"]["max_work_per_run"]["string_value"])
-    rng = np.random.default_rng(13)
-    points = rng.uniform(0, IMAGE_SIZE, (prompts, 1, 2)).astype(np.float32)
-    coords = np.concatenate([points, np.zeros((prompts, 1, 2), np.float32)], axis=1)
-    labels = np.tile(np.array([1.0, -1.0], np.float32), (prompts, 1))
+    prompts = _prompts_per_run(config)
+    _, coords, labels = _grid_clicks(np.random.default_rng(13), prompts)
     stub = stub_pid(triton_server.process.pid, settings.decoder_model)
     for _ in range(2):
         triton_client.infer(

@@ -207,6 +207,51 @@ def compare_everything(
     return rows
 
 
+# Alternating rounds of the cached re-prompt in compare_transport (cheap: a few seconds each).
+TRANSPORT_ROUNDS = 4
+TRANSPORTS = ("shared_memory", "http")
+
+
+def compare_transport(plan: Plan, profile: Profile, photo: Upload) -> dict[str, Any]:
+    """The decoder's answers through shared memory (the profile's proxy) against HTTP (a
+    second proxy with TRITON_SHARED_MEMORY_SLOTS=0), on the same Triton, alternating: the
+    cached re-prompt at concurrency 1, then segment everything on one cold image each."""
+    record: dict[str, Any] = {name: [] for name in TRANSPORTS}
+    plain = proxy_process(
+        proxy_settings(profile.server, profile.repository, profile.precision),
+        LOG_DIR / "proxy-e2e-http.log",
+        extra_env={"TRITON_SHARED_MEMORY_SLOTS": "0"},
+        health_path="/readyz",
+    )
+    assert profile.proxy is not None and profile.stream is not None
+    with plain:
+        urls = dict(zip(TRANSPORTS, (profile.proxy.base_url, plain.base_url), strict=True))
+        size = (photo.width, photo.height)
+        factories = {name: workloads.cached(embed(url, photo), *size) for name, url in urls.items()}
+        warm(plain.base_url, factories["http"], plan.warmup_requests)
+        for round_index in range(TRANSPORT_ROUNDS):
+            order = TRANSPORTS if round_index % 2 == 0 else TRANSPORTS[::-1]
+            for name in order:
+                record[name] += load_levels(
+                    urls[name],
+                    name,
+                    "cached",
+                    factories[name],
+                    plan.cached,
+                    (1,),
+                    triton_url=profile.server.http_url,
+                )
+                time.sleep(SETTLE_S)
+        case = plan.everything[0]
+        upload = profile.stream.next()  # cold for both proxies
+        record["everything"] = {"name": case.name, "prompts": case.prompts}
+        for name in TRANSPORTS:
+            record["everything"][name] = segment_everything(urls[name], upload, case)
+            time.sleep(SETTLE_S)
+    log.info("transport: %s", record["everything"])
+    return record
+
+
 def proxy_settings(server: TritonServer, repository: Path, precision: str = "fp32") -> Settings:
     """The settings of a proxy in front of `server`, serving `repository`."""
     return get_settings().model_copy(
@@ -372,6 +417,7 @@ def run_end_to_end(
                         (level,),
                         triton_url=profile.server.http_url,
                     )
+        record["transport"] = compare_transport(plan, profiles[0], reprompt_photo)
         record["reprompt_image"] = {
             "name": reprompt_photo.name,
             "width": size[0],

@@ -8,6 +8,7 @@ missed, the defaults the data supports), so the report cannot drift from the mea
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from benchmarks.analysis import (
     perf_rows,
 )
 from benchmarks.common import PLOTS_DIR, REPORT_PATH, RESULTS_DIR, SECTIONS, read_json
+from benchmarks.e2e import TRANSPORTS
 from common import contract
 
 RESULT_FILES = ("run", *SECTIONS)
@@ -693,10 +695,52 @@ def e2e_section(
             ),
             "",
         ]
+    out += transport_section(e2e)
     out.append(
         _image(plots.e2e_workloads(e2e, plots_dir / "e2e_workloads.png"), "workloads", report_path)
     )
     return out
+
+
+def transport_section(e2e: dict[str, Any]) -> list[str]:
+    """The decoder's answers through shared memory vs over HTTP, side by side."""
+    transport = e2e.get("transport")
+    if not transport:
+        return []
+    p50s = {name: [row["latency_ms"]["p50"] for row in transport[name]] for name in TRANSPORTS}
+    shared, plain = (statistics.median(p50s[name]) for name in TRANSPORTS)
+    rows = [
+        [
+            f"cached re-prompt, concurrency 1: median p50 of {len(p50s['http'])} alternating "
+            "levels (range)",
+            f"{_ms(shared)} ({_ms(min(p50s['shared_memory']))}-{_ms(max(p50s['shared_memory']))})",
+            f"{_ms(plain)} ({_ms(min(p50s['http']))}-{_ms(max(p50s['http']))})",
+            f"{plain / shared:.2f}x",
+        ]
+    ]
+    everything = transport.get("everything", {})
+    sides = [everything.get(name, {}) for name in TRANSPORTS]
+    if all(side.get("status") == 200 for side in sides):
+        rows.append(
+            [
+                f"segment everything ({everything.get('name')}, {everything.get('prompts')} "
+                "prompts), one cold image each",
+                _ms(sides[0]["ms"]),
+                _ms(sides[1]["ms"]),
+                f"{sides[1]['ms'] / sides[0]['ms']:.2f}x",
+            ]
+        )
+    return [
+        "### Decoder answers through shared memory",
+        "",
+        "Where Triton can map the proxy's shared memory (one host or pod), it writes the "
+        "decoder's logits there instead of sending them over HTTP (`proxy/shm_slots.py`). "
+        "Measured against a second proxy with `TRITON_SHARED_MEMORY_SLOTS=0` on the same "
+        "Triton, alternating:",
+        "",
+        table(["workload", "shared memory ms", "HTTP ms", "speed-up"], rows),
+        "",
+    ]
 
 
 def _everything_side(side: dict[str, Any]) -> tuple[str, str]:

@@ -74,6 +74,18 @@ class Settings(BaseSettings):
     triton_health_interval_s: float = Field(
         default=2.0, description="How often each endpoint's readiness is probed (and DNS read)."
     )
+    # Decoder tensors through shared memory where Triton can map it (proxy/shm_slots.py); an
+    # endpoint on another host or in another container refuses and is sent them over HTTP.
+    triton_shared_memory_slots: int = Field(
+        default=4,
+        ge=0,
+        description="Decoder calls at once whose tensors may bypass HTTP; 0: HTTP always.",
+    )
+    triton_shared_memory_prompts: int = Field(
+        default=64,
+        ge=1,
+        description="Prompts a slot holds the answers of (1 MB each); larger calls use HTTP.",
+    )
 
     # --- proxy --------------------------------------------------------------------------
     proxy_host: str = "127.0.0.1"

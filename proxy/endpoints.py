@@ -40,7 +40,7 @@ from proxy.metrics import ProxyMetrics
 log = logging.getLogger("proxy.endpoints")
 
 T = TypeVar("T")
-Method = Callable[[triton_http.InferenceServerClient], Awaitable[T]]
+Method = Callable[["Endpoint"], Awaitable[T]]
 # How many endpoints one call may try: its own, then one other.
 ATTEMPTS = 2
 
@@ -107,13 +107,15 @@ class EndpointPool:
     # --- the client's methods, balanced ----------------------------------------------------
 
     async def infer(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._dispatch(lambda client: client.infer(*args, **kwargs))
+        return await self.dispatch(lambda endpoint: endpoint.client.infer(*args, **kwargs))
 
     async def get_model_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        return await self._dispatch(lambda client: client.get_model_metadata(*args, **kwargs))
+        return await self.dispatch(
+            lambda endpoint: endpoint.client.get_model_metadata(*args, **kwargs)
+        )
 
     async def is_model_ready(self, *args: Any, **kwargs: Any) -> bool:
-        return await self._dispatch(lambda client: client.is_model_ready(*args, **kwargs))
+        return await self.dispatch(lambda endpoint: endpoint.client.is_model_ready(*args, **kwargs))
 
     async def is_server_ready(self) -> bool:
         """Probes every endpoint now; ready when at least one is."""
@@ -147,7 +149,8 @@ class EndpointPool:
         rotated = healthy[self._turn :] + healthy[: self._turn]
         return min(rotated, key=lambda endpoint: endpoint.in_flight)
 
-    async def _dispatch(self, method: Method[T]) -> T:
+    async def dispatch(self, method: Method[T]) -> T:
+        """`method(endpoint)` on the chosen endpoint, tried once more elsewhere if unreachable."""
         self._start_monitor()
         tried: set[Endpoint] = set()
         while True:
@@ -156,7 +159,7 @@ class EndpointPool:
             tried.add(endpoint)
             endpoint.in_flight += 1
             try:
-                return await method(endpoint.client)
+                return await method(endpoint)
             except Exception as error:
                 if not unreachable(error):
                     raise

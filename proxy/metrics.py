@@ -33,6 +33,12 @@ class ProxyMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.tensor_transport = Counter(
+            "proxy_decoder_calls_by_transport",
+            "Decoder calls by how their tensors travelled: shared_memory or http.",
+            ["transport"],
+            registry=self.registry,
+        )
         self.cache_lookups = Counter(
             "proxy_embedding_cache_lookups",
             "Embedding cache lookups by result.",

@@ -9,21 +9,27 @@ ready or refusing work (503: its queue is full or a model is unavailable) is
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
 import numpy as np
+from anyio import to_thread
 from tritonclient.http import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from common import contract
 from common.settings import Settings
-from proxy.endpoints import EndpointPool
+from proxy.endpoints import Endpoint, EndpointPool
 from proxy.errors import ServiceError, TritonFailed, TritonTimeout, TritonUnavailable
 from proxy.geometry import Size
 from proxy.metrics import ProxyMetrics
+from proxy.shm_slots import Slot, SlotPool, is_orphan
+
+log = logging.getLogger("proxy.triton")
 
 T = TypeVar("T")
 
@@ -46,6 +52,15 @@ def _input(name: str, array: np.ndarray) -> InferInput:
     return tensor
 
 
+def _shared_output(
+    name: str, slot: Slot, offset: int, shape: tuple[int, ...]
+) -> InferRequestedOutput:
+    """An output Triton writes into `slot` at `offset` (float32 of `shape`)."""
+    tensor = InferRequestedOutput(name)
+    tensor.set_shared_memory(slot.name, int(np.prod(shape)) * 4, offset)
+    return tensor
+
+
 def classify(model: str, error: BaseException, timeout_s: float) -> ServiceError:
     """The domain error for a failed Triton call (`error` as the client raised it)."""
     if isinstance(error, TimeoutError):
@@ -63,6 +78,96 @@ def classify(model: str, error: BaseException, timeout_s: float) -> ServiceError
 OUTCOMES = {TritonUnavailable: "unavailable", TritonTimeout: "timeout", TritonFailed: "error"}
 
 
+@dataclass
+class Lease:
+    """The slot one decoder call holds, if any; None once it may no longer be reused."""
+
+    slot: Slot | None
+
+
+class SharedMemory:
+    """This proxy's slots and which endpoints have them registered (proxy/shm_slots.py).
+
+    An endpoint is unknown until its first call registers the slots: Triton either maps them
+    (same host) or answers an error (it cannot open them), and is then sent HTTP for good.
+    `forget` makes an endpoint unknown again, for a Triton that restarted.
+    """
+
+    def __init__(self, pool: SlotPool) -> None:
+        self.pool = pool
+        self.registered: dict[str, bool] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+
+    async def usable(self, endpoint: Endpoint) -> bool:
+        address = endpoint.address
+        if address not in self.registered:
+            async with self.locks.setdefault(address, asyncio.Lock()):
+                if address not in self.registered:
+                    registered = await self._register(endpoint)
+                    if registered is None:  # Triton was busy: ask again next call
+                        return False
+                    self.registered[address] = registered
+        return self.registered[address]
+
+    def forget(self, endpoint: Endpoint) -> None:
+        self.registered.pop(endpoint.address, None)
+
+    async def _register(self, endpoint: Endpoint) -> bool | None:
+        """Register every slot (after dropping stale registrations); False if Triton refuses,
+        None if it is too busy to say.
+
+        Connection failures propagate: they say nothing about shared memory.
+        """
+        client = endpoint.client
+        try:
+            for region in await client.get_system_shared_memory_status():
+                name = region["name"]
+                if is_orphan(name) or name in {slot.name for slot in self.pool.slots}:
+                    await client.unregister_system_shared_memory(name)
+            for slot in self.pool.slots:
+                await client.register_system_shared_memory(slot.name, slot.key, slot.byte_size)
+        except InferenceServerException as error:
+            if error.status() in RETRY_LATER_STATUSES:
+                return None
+            log.info(
+                "Triton at %s cannot map this proxy's shared memory (%s): answers come over HTTP",
+                endpoint.address,
+                error.message() or error,
+            )
+            return False
+        try:
+            self.pool.allocate()
+        except OSError as error:
+            log.warning("no room for the shared memory slots (%s): answers come over HTTP", error)
+            for slot in self.pool.slots:
+                await client.unregister_system_shared_memory(slot.name)
+            return False
+        log.info("Triton at %s reads and writes this proxy's shared memory", endpoint.address)
+        return True
+
+    async def close(self, endpoints: list[Endpoint]) -> None:
+        for endpoint in endpoints:
+            if self.registered.get(endpoint.address):
+                for slot in self.pool.slots:
+                    try:
+                        await endpoint.client.unregister_system_shared_memory(slot.name)
+                    except (InferenceServerException, aiohttp.ClientError, OSError):
+                        break  # Triton is gone, and its registrations with it
+        self.pool.close()
+
+
+def _shared_memory(settings: Settings) -> SharedMemory | None:
+    """The slots the settings ask for, or None (HTTP only) where none can be made."""
+    if not settings.triton_shared_memory_slots:
+        return None
+    try:
+        pool = SlotPool(settings.triton_shared_memory_slots, settings.triton_shared_memory_prompts)
+    except OSError as error:  # no /dev/shm, or a read-only one
+        log.warning("no shared memory slots (%s): the decoder answers over HTTP", error)
+        return None
+    return SharedMemory(pool)
+
+
 class TritonGateway:
     def __init__(self, settings: Settings, metrics: ProxyMetrics) -> None:
         self.settings = settings
@@ -75,8 +180,11 @@ class TritonGateway:
             metrics,
         )
         self._image_side: int | None = None
+        self.shared_memory = _shared_memory(settings)
 
     async def close(self) -> None:
+        if self.shared_memory is not None:
+            await self.shared_memory.close(self.client.endpoints())
         await self.client.close()
 
     async def _call(self, model: str, action: Awaitable[T]) -> T:
@@ -127,29 +235,96 @@ class TritonGateway:
 
         `mask_input` [P, 1, 256, 256] and `has_mask_input` [P]: previous masks, where used.
         """
-        model = self.settings.decoder_model
         if mask_input is None or has_mask_input is None:
             masks, used = NO_MASK_INPUT, MASK_UNUSED
         else:
             masks = mask_input[None].astype(np.float32, copy=False)
             used = has_mask_input[None].astype(np.float32, copy=False)
-        inputs = [
-            _input(contract.IMAGE_EMBEDDINGS, embedding[None].astype(np.float32, copy=False)),
-            _input(contract.POINT_COORDS, point_coords[None].astype(np.float32, copy=False)),
-            _input(contract.POINT_LABELS, point_labels[None].astype(np.float32, copy=False)),
-            _input(contract.MASK_INPUT, masks),
-            _input(contract.HAS_MASK_INPUT, used),
-        ]
+        arrays = {
+            contract.IMAGE_EMBEDDINGS: embedding[None].astype(np.float32, copy=False),
+            contract.POINT_COORDS: point_coords[None].astype(np.float32, copy=False),
+            contract.POINT_LABELS: point_labels[None].astype(np.float32, copy=False),
+            contract.MASK_INPUT: masks,
+            contract.HAS_MASK_INPUT: used,
+        }
+        model = self.settings.decoder_model
+        pool = self.shared_memory.pool if self.shared_memory is not None else None
+        lease = Lease(pool.acquire(len(point_coords)) if pool is not None else None)
+        try:
+            return await self._call(
+                model,
+                self.client.dispatch(lambda endpoint: self._decode_at(endpoint, arrays, lease)),
+            )
+        finally:
+            if lease.slot is not None and pool is not None:
+                pool.release(lease.slot)
+
+    async def _decode_at(
+        self, endpoint: Endpoint, arrays: dict[str, np.ndarray], lease: Lease
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Through the leased slot where the endpoint has it registered, else over HTTP.
+
+        Triton refuses a call naming a region it does not know (it restarted): that call is
+        repeated over HTTP and the endpoint registers again before its next call. A call that
+        ends without Triton's answer (a dropped connection, a deadline, a cancelled request)
+        may still be written into its slot later, so the slot is never used again.
+        """
+        shared = self.shared_memory
+        slot = lease.slot
+        if slot is not None and shared is not None and await shared.usable(endpoint):
+            lease.slot = None  # unless Triton answers, below
+            try:
+                answer = await self._decode_shared(endpoint, arrays, slot)
+            except InferenceServerException as error:
+                lease.slot = slot
+                if error.status() in RETRY_LATER_STATUSES:
+                    raise
+                shared.forget(endpoint)
+                log.warning("decoder call through shared memory failed (%s): over HTTP", error)
+            else:
+                lease.slot = slot
+                self.metrics.tensor_transport.labels(transport="shared_memory").inc()
+                return answer
+        self.metrics.tensor_transport.labels(transport="http").inc()
+        return await self._decode_http(endpoint, arrays)
+
+    async def _decode_http(
+        self, endpoint: Endpoint, arrays: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        model = self.settings.decoder_model
+        inputs = [_input(name, array) for name, array in arrays.items()]
         outputs = [
             InferRequestedOutput(name, binary_data=True) for name in contract.DECODER_OUTPUTS
         ]
-        result = await self._call(
-            model, self.client.infer(model, inputs, outputs=outputs, headers=UNCOMPRESSED)
-        )
+        result = await endpoint.client.infer(model, inputs, outputs=outputs, headers=UNCOMPRESSED)
         return (
             result.as_numpy(contract.LOW_RES_MASKS)[0],
             result.as_numpy(contract.IOU_PREDICTIONS)[0],
         )
+
+    async def _decode_shared(
+        self, endpoint: Endpoint, arrays: dict[str, np.ndarray], slot: Slot
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The inputs over HTTP, both outputs written by Triton into `slot`."""
+        prompts = arrays[contract.POINT_COORDS].shape[1]
+        logits_shape = (prompts, contract.MASK_TOKENS, contract.LOW_RES_SIDE, contract.LOW_RES_SIDE)
+        iou_shape = (prompts, contract.MASK_TOKENS)
+        inputs = [_input(name, array) for name, array in arrays.items()]
+        outputs = [
+            _shared_output(contract.LOW_RES_MASKS, slot, slot.logits_offset, logits_shape),
+            _shared_output(contract.IOU_PREDICTIONS, slot, slot.iou_offset, iou_shape),
+        ]
+        await endpoint.client.infer(
+            self.settings.decoder_model, inputs, outputs=outputs, headers=UNCOMPRESSED
+        )
+
+        def read() -> tuple[np.ndarray, np.ndarray]:
+            return slot.read(slot.logits_offset, logits_shape), slot.read(
+                slot.iou_offset, iou_shape
+            )
+
+        # A 64-prompt call's logits are 64 MB: copy them off the event loop.
+        return await to_thread.run_sync(read)
 
     async def readiness(self) -> dict[str, bool]:
         """Per-component readiness; never raises."""

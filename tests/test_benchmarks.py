@@ -291,6 +291,16 @@ def synthetic_results() -> dict[str, dict]:
         },
     ]
     e2e["reprompt_image"] = {"name": "portrait-jpeg", "width": 427, "height": 640}
+    e2e["transport"] = {
+        "shared_memory": [_load("shared_memory", "cached", 1, 10, p50) for p50 in (90, 80, 95)],
+        "http": [_load("http", "cached", 1, 9, p50) for p50 in (100, 99, 120)],
+        "everything": {
+            "name": "upstream defaults",
+            "prompts": 1024,
+            "shared_memory": {"status": 200, "ms": 40_000.0},
+            "http": {"status": 200, "ms": 44_000.0},
+        },
+    }
     # The fast profile: the same configs, PRECISION=bf16 in Triton's environment.
     e2e["fast"] = {**_variant("fast", []), "environment": {"PRECISION": "bf16"}}
     e2e["compute_by_target"] = {
@@ -528,6 +538,9 @@ def test_report_is_written_from_results(tmp_path: Path) -> None:
     assert "| upstream defaults (defaults) | fast | 1024 | 30.0 | 120.0 | 4.00x | 3 | 3 |" in text
     assert "| default | 64 | 4.0 | failed: 504 timed out | - | 40 | - | 3.0 |" in text
     assert "| 4 | 1.70 | 2.40 | 0.70 | 2.43x | 3.43x |" in text  # both profiles vs baseline
+    assert "### Decoder answers through shared memory" in text
+    assert "| 90.0 (80.0-95.0) | 100 (99.0-120) | 1.11x |" in text  # medians of p50s
+    assert "| 40000 | 44000 | 1.10x |" in text
     assert "| CPU | fp32 | theoretical: 2 x 2 x 16 x 2 x 2.45 | 313 |" in text
     assert "so the fast profile does not use it: it is not faster (1.02x) and it moves" in text
     assert "random-init" in text and "Test CPU" in text

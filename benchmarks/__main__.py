@@ -35,7 +35,13 @@ from benchmarks.common import (
     package_versions,
     write_json,
 )
-from benchmarks.e2e import Profile, decoder_memory, run_end_to_end, runtime_checks
+from benchmarks.e2e import (
+    EVERYTHING_TRANSPORT_ROUNDS,
+    Profile,
+    decoder_memory,
+    run_end_to_end,
+    runtime_checks,
+)
 from benchmarks.peak import run_in_subprocess
 from benchmarks.plan import PLANS, Plan
 from benchmarks.triton_sweeps import (
@@ -69,7 +75,15 @@ class Run:
         self.inputs: Inputs | None = None
         self.photos = assets.photo_uploads()
         self.parity_photos = assets.photo_uploads(skip_tiny=False)[: plan.parity_photos]
-        pool_size = 2 * plan.warmup_requests + plan.cold.total() + len(plan.everything) + 2
+        # Each profile's stream: its warm-up, the cold levels, segment everything (and, for the
+        # default profile, the transport comparison's images), with a margin.
+        pool_size = (
+            2 * plan.warmup_requests
+            + plan.cold.total()
+            + len(plan.everything)
+            + EVERYTHING_TRANSPORT_ROUNDS
+            + 2
+        )
         self.pool = assets.cold_pool(pool_size, self.photos)
         self.decoder_delay_us: int | None = None  # from the delay sweep, if it ran
 

@@ -740,8 +740,9 @@ def reprompt_target(results: dict[str, Results | None], target: str) -> Target |
         detail += (
             f"where the time goes (means): decoder compute {compute:.1f} ms (Triton's "
             "statistics over "
-            f"the same requests), moving the 4 MB embedding in and 1 MB of logits out over "
-            f"HTTP and the Python backend {stages['decoder'] - compute:.1f} ms, post-processing "
+            "the same requests), moving the 4 MB embedding in over HTTP, the 1 MB of logits "
+            "out (written into the proxy's shared memory) and through the Python backend "
+            f"{stages['decoder'] - compute:.1f} ms, post-processing "
             f"{stages.get('postprocess', 0):.1f} ms, the rest of the proxy "
             f"{stages.get('total', 0) - stages['decoder'] - stages.get('postprocess', 0):.1f} "
             f"ms, and the client's upload, form parsing and JSON response {rest:.1f} ms"

@@ -41,9 +41,16 @@ BOX_BOTTOM_RIGHT_LABEL: Final = 3
 EMBEDDING_SHAPE: Final = (256, 64, 64)
 LOW_RES_SIDE: Final = 256  # side of the decoder's mask logits and of its mask input
 MASK_TOKENS: Final = 4  # token 0: the single-mask answer; 1..3: the multimask answers
+
+
 # The most prompts the proxy sends in one decoder call (segment-everything's points_per_batch
 # goes up to it); Triton's shared memory is sized for it (serving/shared_memory.py).
 MAX_PROMPTS_PER_DECODER_CALL: Final = 256
 # The encoder's square input side; the proxy asks Triton for it, this is the default where
 # no server can be asked (tests, the PyTorch baseline, offline tools).
 DEFAULT_IMAGE_SIDE: Final = 1024
+
+
+def decoder_output_bytes(prompts: int) -> int:
+    """The decoder's answer for `prompts` prompts: float32 logits and a score per mask token."""
+    return prompts * MASK_TOKENS * (LOW_RES_SIDE * LOW_RES_SIDE + 1) * 4

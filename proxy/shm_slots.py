@@ -41,11 +41,10 @@ PREFIX = "mobilesam-proxy"
 _NAME = re.compile(rf"^{PREFIX}-(\d+)-")
 FLOAT32 = np.dtype(np.float32)
 LOGITS_BYTES_PER_PROMPT = contract.MASK_TOKENS * contract.LOW_RES_SIDE**2 * FLOAT32.itemsize
-IOU_BYTES_PER_PROMPT = contract.MASK_TOKENS * FLOAT32.itemsize
 
 
 def slot_bytes(prompts: int) -> int:
-    return prompts * (LOGITS_BYTES_PER_PROMPT + IOU_BYTES_PER_PROMPT)
+    return contract.decoder_output_bytes(prompts)
 
 
 def owner_pid(name: str) -> int | None:

@@ -45,8 +45,7 @@ def decoder_request_bytes(prompts: int, points: int, mask_inputs: int) -> int:
         + prompts * points * 3 * FLOAT32  # coordinates (x, y) and a label per point
         + mask_inputs * (low_res + FLOAT32)  # mask_input and has_mask_input
     )
-    outputs = prompts * contract.MASK_TOKENS * (low_res + FLOAT32)
-    return inputs + outputs
+    return inputs + contract.decoder_output_bytes(prompts)
 
 
 def largest_decoder_request_bytes(settings: Settings) -> int:
@@ -93,6 +92,21 @@ def python_backend_shm_bytes(
         max_batch_size, instances = read_caps(repository / model / "config.pbtxt")
         total += instances * region_bytes(max_batch_size * largest_request)
     return math.ceil(total / MIB) * MIB
+
+
+def proxy_slots_bytes(settings: Settings | None = None) -> int:
+    """The proxy's shared-memory slots (proxy/shm_slots.py), where they share Triton's /dev/shm."""
+    settings = settings or Settings()
+    slots = settings.triton_shared_memory_slots
+    return slots * contract.decoder_output_bytes(settings.triton_shared_memory_prompts)
+
+
+def compose_shm_bytes(settings: Settings | None = None) -> int:
+    """docker-compose.yml's one /dev/shm: Triton's Python backend and the proxy's slots."""
+    return (
+        math.ceil((python_backend_shm_bytes(settings=settings) + proxy_slots_bytes(settings)) / MIB)
+        * MIB
+    )
 
 
 def regions_in_use(proc: Path = Path("/proc")) -> set[str]:

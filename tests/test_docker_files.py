@@ -36,7 +36,11 @@ from packaging.specifiers import SpecifierSet
 from common.settings import PROJECT_ROOT, Settings, get_settings
 from serving import container
 from serving.processes import PYTHON_BACKEND_SHM_PREFIX
-from serving.shared_memory import free_stale_regions, python_backend_shm_bytes
+from serving.shared_memory import (
+    compose_shm_bytes,
+    free_stale_regions,
+    python_backend_shm_bytes,
+)
 from serving.triton import EXIT_TIMEOUT_S, TritonServer
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
@@ -286,10 +290,16 @@ def test_containers_run_under_an_init_with_a_restart_policy(compose):
             assert service["restart"] == "unless-stopped", name
 
 
-def test_triton_shared_memory_is_the_configured_worst_case(compose):
-    shm = size_bytes(compose["services"]["triton"].get("shm_size", "64m"))
-    needed = python_backend_shm_bytes()
+def test_shared_memory_is_the_configured_worst_case_shared_by_triton_and_the_proxy(compose):
+    services = compose["services"]
+    shm = size_bytes(services["pod"].get("shm_size", "64m"))
+    needed = compose_shm_bytes()
     assert shm == needed, f"shm_size should be {needed // 2**20}m (serving/shared_memory.py)"
+    assert needed > python_backend_shm_bytes(), "the proxy's slots are counted in"
+    assert services["pod"]["ipc"] == "shareable"
+    for name in ("triton", "proxy"):
+        assert services[name]["ipc"] == "service:pod", name
+        assert "shm_size" not in services[name], f"{name} uses the pod's /dev/shm"
 
 
 def test_shared_memory_follows_the_caps(tmp_path):

@@ -33,10 +33,11 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from common.settings import PROJECT_ROOT, Settings
 from proxy.metrics import ProxyMetrics
+from serving.shared_memory import python_backend_shm_bytes
 from serving.triton import EXIT_TIMEOUT_S, TritonServer
 from testkit.redis_server import RedisServer
 
-from .test_docker_files import compose_config, environment, seconds, size_bytes
+from .test_docker_files import compose_config, environment, seconds
 
 KUBERNETES = PROJECT_ROOT / "deploy" / "kubernetes"
 OVERLAYS = sorted(path.name for path in (KUBERNETES / "overlays").iterdir() if path.is_dir())
@@ -352,16 +353,16 @@ def test_triton_pod_matches_the_model_repository_and_compose(overlay: str, compo
     assert cores >= 1
     assert quantity(resources["requests"]["cpu"]) == quantity(resources["limits"]["cpu"]) == cores
 
-    service = compose["services"]["triton"]
     shm = next(v for v in pod_spec(triton)["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
-    assert quantity(shm["emptyDir"]["sizeLimit"]) == size_bytes(service["shm_size"])
+    # Triton's Python backend alone: the proxies run in pods of their own.
+    assert quantity(shm["emptyDir"]["sizeLimit"]) == python_backend_shm_bytes()
     assert {m["mountPath"]: m["name"] for m in spec["volumeMounts"]}["/dev/shm"] == "dshm"
     assert quantity(resources["limits"]["memory"]) > quantity(shm["emptyDir"]["sizeLimit"])
 
     grace = pod_spec(triton)["terminationGracePeriodSeconds"]
     assert grace > EXIT_TIMEOUT_S, "Kubernetes would kill Triton before it drains"
-    assert grace == seconds(service["stop_grace_period"])
+    assert grace == seconds(compose["services"]["triton"]["stop_grace_period"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -3,7 +3,8 @@
 In order, on one compose project (tests/containers/conftest.py): an unreadable checkpoint stops
 start-up at the export with one clear line; then the real start-up (export completes, Triton
 becomes healthy, the proxy ready); the proxy answers `POST /segment-image` with the masks the
-local path gives for the same checkpoint and photograph; Triton's ports answer nowhere outside
+local path gives for the same checkpoint and photograph, with the decoder's answers written by
+Triton into the /dev/shm the two share; Triton's ports answer nowhere outside
 the namespace it shares with the proxy; no process of any container runs as root; `kill -9` of
 tritonserver is followed by the restart policy and the proxy is ready again, with no shared
 memory leaked; `down` leaves no container, volume or network behind.
@@ -22,7 +23,7 @@ import httpx
 from common.settings import PROJECT_ROOT
 from proxy.encodings import decode_rle
 from serving.processes import PYTHON_BACKEND_SHM_PREFIX
-from serving.shared_memory import python_backend_shm_bytes, read_caps
+from serving.shared_memory import compose_shm_bytes, read_caps
 from testkit.masks import mask_iou
 from testkit.photos import photos
 from tests.containers.conftest import UNREADABLE_CHECKPOINT, ComposeProject
@@ -110,9 +111,10 @@ def test_export_completes_as_the_containers_user(stack: ComposeProject):
 def test_triton_is_healthy_with_the_configured_shared_memory(stack: ComposeProject):
     info = stack.inspect("triton")
     assert health(info) == "healthy", info["State"]
-    assert info["HostConfig"]["ShmSize"] == python_backend_shm_bytes()
-    free = stack.exec("triton", "df", "--block-size=1M", "--output=size", "/dev/shm").stdout
-    assert int(free.split()[-1]) == python_backend_shm_bytes() // 2**20
+    assert stack.inspect("pod")["HostConfig"]["ShmSize"] == compose_shm_bytes()
+    for service in ("triton", "proxy"):  # the pod's one /dev/shm
+        free = stack.exec(service, "df", "--block-size=1M", "--output=size", "/dev/shm").stdout
+        assert int(free.split()[-1]) == compose_shm_bytes() // 2**20, service
 
 
 def test_proxy_answers_with_the_masks_of_the_local_path(stack: ComposeProject, proxy):
@@ -126,6 +128,15 @@ def test_proxy_answers_with_the_masks_of_the_local_path(stack: ComposeProject, p
     local, container = segment(proxy.base_url, EVERYTHING), segment(stack.proxy_url, EVERYTHING)
     assert container["count"] == local["count"] > 0
     assert_same_masks(local["masks"], container["masks"], "masks")
+
+    # Triton wrote the decoder's answers into the proxy's shared memory, not over HTTP.
+    metrics = httpx.get(f"{stack.proxy_url}/metrics", timeout=10).text
+    counts = {
+        line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("proxy_decoder_calls_by_transport_total{")
+    }
+    assert counts.get("shared_memory", 0) >= 3 and "http" not in counts, counts
 
 
 def test_triton_answers_nowhere_outside_its_namespace(stack: ComposeProject):

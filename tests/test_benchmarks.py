@@ -376,7 +376,7 @@ def test_targets_are_ratios_within_the_run_for_both_profiles() -> None:
     assert cached.goal == "<= 25 ms" and cached.met is False  # 45 ms
     cached = targets["cached re-prompt p50, one click, concurrency 1 (fast)"]
     assert cached.goal == "<= 20 ms" and cached.met  # 18 ms
-    assert "decoder compute 9.0 ms" in cached.detail and "HTTP and the Python backend 3.0" in (
+    assert "decoder compute 9.0 ms" in cached.detail and "through the Python backend 3.0" in (
         cached.detail
     )
     everything = targets["segment everything vs upstream generator (default)"]

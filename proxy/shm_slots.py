@@ -27,6 +27,7 @@ import mmap
 import os
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,8 @@ log = logging.getLogger("proxy.shm")
 SHM_DIR = Path("/dev/shm")
 PREFIX = "mobilesam-proxy"
 _NAME = re.compile(rf"^{PREFIX}-(\d+)-")
+# The names of this process's open pools (a process may hold several: tests, two gateways).
+_LIVE_PREFIXES: set[str] = set()
 FLOAT32 = np.dtype(np.float32)
 LOGITS_BYTES_PER_PROMPT = contract.MASK_TOKENS * contract.LOW_RES_SIDE**2 * FLOAT32.itemsize
 
@@ -61,12 +64,6 @@ def is_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def is_orphan(name: str) -> bool:
-    """A segment or region of a proxy process that no longer runs."""
-    pid = owner_pid(name)
-    return pid is not None and pid != os.getpid() and not is_alive(pid)
 
 
 @dataclass(eq=False)
@@ -102,14 +99,28 @@ class SlotPool:
     def __init__(self, count: int, prompts: int, directory: Path = SHM_DIR) -> None:
         self.directory = directory
         self.prompts = prompts
-        remove_orphan_segments(directory)
-        token = secrets.token_hex(4)
+        self.own_prefix = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(4)}-"
+        _LIVE_PREFIXES.add(self.own_prefix)
+        remove_orphan_segments(directory, self.is_orphan)
         self.slots = [
-            _create(directory, f"{PREFIX}-{os.getpid()}-{token}-{index}", prompts)
-            for index in range(count)
+            _create(directory, f"{self.own_prefix}{index}", prompts) for index in range(count)
         ]
         self.free = list(self.slots)
         self.allocated = False
+
+    @staticmethod
+    def is_orphan(name: str) -> bool:
+        """A segment or region of a proxy process that no longer runs.
+
+        One with this process's pid but none of its pools' names is an earlier process's: in
+        a container restarted with the same /dev/shm, the proxy often gets the same pid again.
+        """
+        pid = owner_pid(name)
+        if pid is None:
+            return False
+        if pid == os.getpid():
+            return not any(name.lstrip("/").startswith(p) for p in _LIVE_PREFIXES)
+        return not is_alive(pid)
 
     def acquire(self, prompts: int) -> Slot | None:
         """A free slot that holds a call of `prompts` prompts, or None (the call uses HTTP)."""
@@ -144,6 +155,7 @@ class SlotPool:
             with contextlib.suppress(FileNotFoundError):
                 (self.directory / slot.name).unlink()
         self.slots, self.free = [], []
+        _LIVE_PREFIXES.discard(self.own_prefix)
 
 
 def _create(directory: Path, name: str, prompts: int) -> Slot:
@@ -157,7 +169,7 @@ def _create(directory: Path, name: str, prompts: int) -> Slot:
     return Slot(name, prompts, buffer)
 
 
-def remove_orphan_segments(directory: Path = SHM_DIR) -> None:
+def remove_orphan_segments(directory: Path, is_orphan: Callable[[str], bool]) -> None:
     """Unlink the segments of proxy processes that died without removing them."""
     if not directory.is_dir():
         return

@@ -27,7 +27,7 @@ from proxy.endpoints import Endpoint, EndpointPool
 from proxy.errors import ServiceError, TritonFailed, TritonTimeout, TritonUnavailable
 from proxy.geometry import Size
 from proxy.metrics import ProxyMetrics
-from proxy.shm_slots import Slot, SlotPool, is_orphan
+from proxy.shm_slots import Slot, SlotPool
 
 log = logging.getLogger("proxy.triton")
 
@@ -122,7 +122,7 @@ class SharedMemory:
         try:
             for region in await client.get_system_shared_memory_status():
                 name = region["name"]
-                if is_orphan(name) or name in {slot.name for slot in self.pool.slots}:
+                if self.pool.is_orphan(name) or name in {slot.name for slot in self.pool.slots}:
                     await client.unregister_system_shared_memory(name)
             for slot in self.pool.slots:
                 await client.register_system_shared_memory(slot.name, slot.key, slot.byte_size)

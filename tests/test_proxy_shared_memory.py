@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,16 +87,25 @@ def test_segments_are_sparse_until_allocated_and_removed_on_close(tmp_path: Path
 
 def test_segments_of_dead_proxies_are_removed_at_start(tmp_path: Path) -> None:
     dead = tmp_path / f"{shm_slots.PREFIX}-{_dead_pid()}-abcd-0"
+    # A restarted container's proxy often has its predecessor's pid.
+    predecessor = tmp_path / f"{shm_slots.PREFIX}-{os.getpid()}-abcd-0"
     alive = tmp_path / f"{shm_slots.PREFIX}-1-abcd-0"  # pid 1 runs
     other = tmp_path / "somebody-elses-segment"
-    for path in (dead, alive, other):
+    for path in (dead, predecessor, alive, other):
         path.write_bytes(b"x")
     pool = SlotPool(1, prompts=1, directory=tmp_path)
     try:
-        assert not dead.exists()
+        assert not dead.exists() and not predecessor.exists()
         assert alive.exists() and other.exists()
+        (own,) = pool.slots
+        assert not pool.is_orphan(own.name) and not pool.is_orphan(f"/{own.name}")
+        assert pool.is_orphan(f"/{predecessor.name}"), "a Triton registration names it with a /"
+        second = SlotPool(1, prompts=1, directory=tmp_path)
+        assert (tmp_path / own.name).exists(), "another pool of this process is not an orphan"
+        second.close()
     finally:
         pool.close()
+    assert pool.is_orphan(own.name), "once closed, it is"
 
 
 class RefusingTriton:

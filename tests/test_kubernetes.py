@@ -253,6 +253,16 @@ def test_variables_are_the_settings_and_composes(overlay: str, compose) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_proxies_do_not_offer_shared_memory_to_tritons_in_other_pods(overlay: str) -> None:
+    objects = render(overlay)
+    proxy, triton = find(objects, "Deployment", "proxy"), find(objects, "Deployment", "triton")
+    triton_image = container(triton)["image"]
+    images = [spec["image"] for spec in pod_spec(proxy)["containers"]]
+    assert triton_image not in images, "with Triton in the proxy's pod, shared memory would pay"
+    assert container_env(objects, proxy, container(proxy))["TRITON_SHARED_MEMORY_SLOTS"] == "0"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_images_and_commands_are_composes(overlay: str, compose) -> None:
     """Same images (retagged only through kustomize `images:`) and no command of their own:
     the images' CMD runs, which tests/test_docker_files.py checks against the launcher."""

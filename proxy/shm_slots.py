@@ -27,7 +27,6 @@ import mmap
 import os
 import re
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +45,6 @@ FLOAT32 = np.dtype(np.float32)
 LOGITS_BYTES_PER_PROMPT = contract.MASK_TOKENS * contract.LOW_RES_SIDE**2 * FLOAT32.itemsize
 
 
-def slot_bytes(prompts: int) -> int:
-    return contract.decoder_output_bytes(prompts)
-
-
 def owner_pid(name: str) -> int | None:
     """The pid a segment or region name was made by, if it is one of ours."""
     match = _NAME.match(name.lstrip("/"))
@@ -64,6 +59,20 @@ def is_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def is_orphan(name: str) -> bool:
+    """A segment or region of a proxy process that no longer runs.
+
+    One with this process's pid but none of its open pools' names is an earlier process's:
+    in a container restarted with the same /dev/shm, the proxy often gets the same pid again.
+    """
+    pid = owner_pid(name)
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return not any(name.lstrip("/").startswith(p) for p in _LIVE_PREFIXES)
+    return not is_alive(pid)
 
 
 @dataclass(eq=False)
@@ -101,26 +110,12 @@ class SlotPool:
         self.prompts = prompts
         self.own_prefix = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(4)}-"
         _LIVE_PREFIXES.add(self.own_prefix)
-        remove_orphan_segments(directory, self.is_orphan)
+        remove_orphan_segments(directory)
         self.slots = [
             _create(directory, f"{self.own_prefix}{index}", prompts) for index in range(count)
         ]
         self.free = list(self.slots)
         self.allocated = False
-
-    @staticmethod
-    def is_orphan(name: str) -> bool:
-        """A segment or region of a proxy process that no longer runs.
-
-        One with this process's pid but none of its pools' names is an earlier process's: in
-        a container restarted with the same /dev/shm, the proxy often gets the same pid again.
-        """
-        pid = owner_pid(name)
-        if pid is None:
-            return False
-        if pid == os.getpid():
-            return not any(name.lstrip("/").startswith(p) for p in _LIVE_PREFIXES)
-        return not is_alive(pid)
 
     def acquire(self, prompts: int) -> Slot | None:
         """A free slot that holds a call of `prompts` prompts, or None (the call uses HTTP)."""
@@ -159,7 +154,7 @@ class SlotPool:
 
 
 def _create(directory: Path, name: str, prompts: int) -> Slot:
-    size = slot_bytes(prompts)
+    size = contract.decoder_output_bytes(prompts)
     fd = os.open(directory / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, size)
@@ -169,7 +164,7 @@ def _create(directory: Path, name: str, prompts: int) -> Slot:
     return Slot(name, prompts, buffer)
 
 
-def remove_orphan_segments(directory: Path, is_orphan: Callable[[str], bool]) -> None:
+def remove_orphan_segments(directory: Path) -> None:
     """Unlink the segments of proxy processes that died without removing them."""
     if not directory.is_dir():
         return

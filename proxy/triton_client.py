@@ -27,7 +27,7 @@ from proxy.endpoints import Endpoint, EndpointPool
 from proxy.errors import ServiceError, TritonFailed, TritonTimeout, TritonUnavailable
 from proxy.geometry import Size
 from proxy.metrics import ProxyMetrics
-from proxy.shm_slots import Slot, SlotPool
+from proxy.shm_slots import Slot, SlotPool, is_orphan
 
 log = logging.getLogger("proxy.triton")
 
@@ -119,10 +119,11 @@ class SharedMemory:
         Connection failures propagate: they say nothing about shared memory.
         """
         client = endpoint.client
+        ours = {slot.name for slot in self.pool.slots}
         try:
             for region in await client.get_system_shared_memory_status():
                 name = region["name"]
-                if self.pool.is_orphan(name) or name in {slot.name for slot in self.pool.slots}:
+                if is_orphan(name) or name in ours:
                     await client.unregister_system_shared_memory(name)
             for slot in self.pool.slots:
                 await client.register_system_shared_memory(slot.name, slot.key, slot.byte_size)
@@ -247,20 +248,24 @@ class TritonGateway:
             contract.MASK_INPUT: masks,
             contract.HAS_MASK_INPUT: used,
         }
+        inputs = [_input(name, array) for name, array in arrays.items()]
+        prompts = len(point_coords)
         model = self.settings.decoder_model
         pool = self.shared_memory.pool if self.shared_memory is not None else None
-        lease = Lease(pool.acquire(len(point_coords)) if pool is not None else None)
+        lease = Lease(pool.acquire(prompts) if pool is not None else None)
         try:
             return await self._call(
                 model,
-                self.client.dispatch(lambda endpoint: self._decode_at(endpoint, arrays, lease)),
+                self.client.dispatch(
+                    lambda endpoint: self._decode_at(endpoint, inputs, prompts, lease)
+                ),
             )
         finally:
             if lease.slot is not None and pool is not None:
                 pool.release(lease.slot)
 
     async def _decode_at(
-        self, endpoint: Endpoint, arrays: dict[str, np.ndarray], lease: Lease
+        self, endpoint: Endpoint, inputs: list[InferInput], prompts: int, lease: Lease
     ) -> tuple[np.ndarray, np.ndarray]:
         """Through the leased slot where the endpoint has it registered, else over HTTP.
 
@@ -272,44 +277,42 @@ class TritonGateway:
         shared = self.shared_memory
         slot = lease.slot
         if slot is not None and shared is not None and await shared.usable(endpoint):
-            lease.slot = None  # unless Triton answers, below
             try:
-                answer = await self._decode_shared(endpoint, arrays, slot)
-            except InferenceServerException as error:
-                lease.slot = slot
+                answer = await self._decode_shared(endpoint, inputs, prompts, slot)
+            except InferenceServerException as error:  # Triton answered: the slot is free
                 if error.status() in RETRY_LATER_STATUSES:
                     raise
                 shared.forget(endpoint)
                 log.warning("decoder call through shared memory failed (%s): over HTTP", error)
+            except BaseException:  # no answer: Triton may still write into the slot
+                lease.slot = None
+                raise
             else:
-                lease.slot = slot
                 self.metrics.tensor_transport.labels(transport="shared_memory").inc()
                 return answer
         self.metrics.tensor_transport.labels(transport="http").inc()
-        return await self._decode_http(endpoint, arrays)
+        return await self._decode_http(endpoint, inputs)
 
     async def _decode_http(
-        self, endpoint: Endpoint, arrays: dict[str, np.ndarray]
+        self, endpoint: Endpoint, inputs: list[InferInput]
     ) -> tuple[np.ndarray, np.ndarray]:
-        model = self.settings.decoder_model
-        inputs = [_input(name, array) for name, array in arrays.items()]
         outputs = [
             InferRequestedOutput(name, binary_data=True) for name in contract.DECODER_OUTPUTS
         ]
-        result = await endpoint.client.infer(model, inputs, outputs=outputs, headers=UNCOMPRESSED)
+        result = await endpoint.client.infer(
+            self.settings.decoder_model, inputs, outputs=outputs, headers=UNCOMPRESSED
+        )
         return (
             result.as_numpy(contract.LOW_RES_MASKS)[0],
             result.as_numpy(contract.IOU_PREDICTIONS)[0],
         )
 
     async def _decode_shared(
-        self, endpoint: Endpoint, arrays: dict[str, np.ndarray], slot: Slot
+        self, endpoint: Endpoint, inputs: list[InferInput], prompts: int, slot: Slot
     ) -> tuple[np.ndarray, np.ndarray]:
         """The inputs over HTTP, both outputs written by Triton into `slot`."""
-        prompts = arrays[contract.POINT_COORDS].shape[1]
         logits_shape = (prompts, contract.MASK_TOKENS, contract.LOW_RES_SIDE, contract.LOW_RES_SIDE)
         iou_shape = (prompts, contract.MASK_TOKENS)
-        inputs = [_input(name, array) for name, array in arrays.items()]
         outputs = [
             _shared_output(contract.LOW_RES_MASKS, slot, slot.logits_offset, logits_shape),
             _shared_output(contract.IOU_PREDICTIONS, slot, slot.iou_offset, iou_shape),

@@ -15,6 +15,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from common import contract
 from proxy import shm_slots
 from proxy.endpoints import Endpoint
 from proxy.shm_slots import SlotPool
@@ -80,7 +81,7 @@ def test_segments_are_sparse_until_allocated_and_removed_on_close(tmp_path: Path
     assert len(files) == 2
     assert all(path.stat().st_blocks == 0 for path in files), "free until Triton is found"
     pool.allocate()
-    assert all(path.stat().st_blocks * 512 >= shm_slots.slot_bytes(8) for path in files)
+    assert all(path.stat().st_blocks * 512 >= contract.decoder_output_bytes(8) for path in files)
     pool.close()
     assert list(tmp_path.iterdir()) == []
 
@@ -98,14 +99,16 @@ def test_segments_of_dead_proxies_are_removed_at_start(tmp_path: Path) -> None:
         assert not dead.exists() and not predecessor.exists()
         assert alive.exists() and other.exists()
         (own,) = pool.slots
-        assert not pool.is_orphan(own.name) and not pool.is_orphan(f"/{own.name}")
-        assert pool.is_orphan(f"/{predecessor.name}"), "a Triton registration names it with a /"
+        assert not shm_slots.is_orphan(own.name) and not shm_slots.is_orphan(f"/{own.name}")
+        assert shm_slots.is_orphan(f"/{predecessor.name}"), (
+            "a Triton registration names it with a /"
+        )
         second = SlotPool(1, prompts=1, directory=tmp_path)
         assert (tmp_path / own.name).exists(), "another pool of this process is not an orphan"
         second.close()
     finally:
         pool.close()
-    assert pool.is_orphan(own.name), "once closed, it is"
+    assert shm_slots.is_orphan(own.name), "once closed, it is"
 
 
 class RefusingTriton:

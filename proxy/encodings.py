@@ -32,18 +32,20 @@ class OutputFormat(StrEnum):
     POLYGON = "polygon"
 
 
-def encode_mask(mask: np.ndarray, output_format: OutputFormat) -> Any:
-    """The JSON-ready encoding of one HxW boolean mask."""
+def encode_mask(
+    mask: np.ndarray, output_format: OutputFormat, box: Sequence[int] | None = None
+) -> Any:
+    """The JSON-ready encoding of one HxW boolean mask (`box`: its XYXY box, if known)."""
     if output_format is OutputFormat.RLE:
-        return encode_rle(mask)
+        return encode_rle(mask, box)
     if output_format is OutputFormat.PNG:
         return encode_png(mask)
     return encode_polygons(mask)
 
 
-def encode_rle(mask: np.ndarray) -> dict[str, Any]:
+def encode_rle(mask: np.ndarray, box: Sequence[int] | None = None) -> dict[str, Any]:
     """pycocotools' `mask.encode` of an HxW mask, with `counts` as str instead of bytes."""
-    return encode_rle_counts(rle_counts(mask), mask.shape)
+    return encode_rle_counts(rle_counts(mask, box=box), mask.shape)
 
 
 def encode_rle_counts(counts: np.ndarray, size: tuple[int, int]) -> dict[str, Any]:

@@ -151,8 +151,3 @@ def box_xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
     xywh[..., 2] = boxes[..., 2] - boxes[..., 0]
     xywh[..., 3] = boxes[..., 3] - boxes[..., 1]
     return xywh
-
-
-def mask_to_box_xywh(masks: np.ndarray) -> np.ndarray:
-    """The `bbox` upstream's mask generator reports: [..., H, W] bool -> [..., 4] XYWH."""
-    return box_xyxy_to_xywh(batched_mask_to_box(masks))

@@ -46,12 +46,13 @@ def mask_record(
 ) -> dict[str, Any]:
     mask = postprocess.threshold_masks(logits)
     stability = float(postprocess.stability_score(logits))
+    box = postprocess.batched_mask_to_box(mask)
     return {
-        "segmentation": encodings.encode_mask(mask, output_format),
+        "segmentation": encodings.encode_mask(mask, output_format, box),
         "predicted_iou": predicted_iou,
         # Upstream's score is NaN when no logit passes -offset; JSON has no NaN, and such a
         # mask (empty at every threshold) has no stability to speak of.
         "stability_score": stability if np.isfinite(stability) else 0.0,
-        "area": int(mask.sum()),
-        "bbox": [int(v) for v in postprocess.mask_to_box_xywh(mask)],
+        "area": int(np.count_nonzero(mask)),
+        "bbox": [int(v) for v in postprocess.box_xyxy_to_xywh(box)],
     }

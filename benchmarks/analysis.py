@@ -13,6 +13,7 @@ from typing import Any
 
 from benchmarks.peak import ENCODER_GFLOP_NOMINAL
 from common import contract
+from export.branching import FOLD_FIRST_LAYER_UP_TO_PROMPTS
 
 Results = dict[str, Any]
 
@@ -562,7 +563,8 @@ def decoder_gflop(prompts: int, images: int | None = None, tokens: int = 7) -> f
     upscale to 256x256 and the mask-token products; the token-side layers add well under 1%.
     Our graph (`images` decoder batch items): the first layer's three image-side projections
     once per image, and each later projection folded into the prompt side, so the image
-    tokens meet 8 heads x `tokens` vectors of 256 channels instead of 128 projected ones.
+    tokens meet 8 heads x `tokens` vectors of 256 channels instead of 128 projected ones;
+    with one prompt per image the first layer is folded too (`export.branching`).
     """
     upscaling = 2 * IMAGE_TOKENS * EMBED_DIM * (64 * 4) / 1e9  # 2x2 transposed conv 256 -> 64
     upscaling += 2 * (128 * 128) * 64 * (32 * 4) / 1e9  # 2x2 transposed conv 64 -> 32
@@ -572,7 +574,10 @@ def decoder_gflop(prompts: int, images: int | None = None, tokens: int = 7) -> f
         per_prompt = 10 * PROJECTION_GFLOP + 5 * 2 * attention_product + upscaling
         return per_prompt * prompts
     folded = 2 * IMAGE_TOKENS * EMBED_DIM * HEADS * tokens / 1e9
-    # First layer, per prompt: token->image scores and sums, image->token scores.
+    if prompts <= FOLD_FIRST_LAYER_UP_TO_PROMPTS * images:
+        # First layer folded: token->image scores and sums, image->token scores, per prompt.
+        return (FOLDED_PRODUCTS * folded + 3 * folded + upscaling) * prompts
+    # First layer shared, per prompt: token->image scores and sums, image->token scores.
     per_prompt = FOLDED_PRODUCTS * folded + 3 * attention_product + upscaling
     return per_prompt * prompts + FIRST_LAYER_PROJECTIONS * PROJECTION_GFLOP * images
 

@@ -113,13 +113,15 @@ def _image_to_token_output(
     weights [..., HW, heads * T] (the image tokens' attention over the T prompt tokens, heads
     side by side), tokens [..., T, C]. Upstream projects 4096 rows from 128 to 256 channels per
     prompt; here the 8 x T value rows are projected instead, and each image token mixes
-    8 x T (56 for one click) ready-made 256-channel rows.
+    8 x T (56 for one click) ready-made 256-channel rows. Each head's weights sum to 1, so
+    the output bias rides on the value rows (bias / heads each) instead of costing a pass
+    over the 4096 x 256 output per prompt.
     """
     heads = attention.num_heads
     v = _heads(attention.v_proj(tokens), heads)  # [..., heads, T, d]
     out_weight = _per_head(attention.out_proj.weight.transpose(0, 1), heads)  # [heads, d, C]
     values = (v @ out_weight).flatten(-3, -2)  # [..., heads * T, C]
-    return weights @ values + attention.out_proj.bias
+    return weights @ (values + attention.out_proj.bias / heads)
 
 
 def image_to_token(
@@ -133,15 +135,17 @@ def image_to_token(
 
     The query projection is folded into the few keys: q_h . k_h = x W_q,h^T k_h + b_q,h . k_h,
     so the 4096 image rows meet 8 x T folded keys of 256 channels instead of being projected
-    to 128 channels first, and the output is `_image_to_token_output`.
+    to 128 channels first, and the output is `_image_to_token_output`. The 1 / sqrt(d) scale
+    is applied to the few keys and offsets, not to the 4096 x 8T scores.
     """
     heads = attention.num_heads
     k = _heads(attention.k_proj(tokens_with_pe), heads)  # [..., heads, T, d]
+    k = k / math.sqrt(k.shape[-1])
     q_weight = _per_head(attention.q_proj.weight, heads)  # [heads, d, C]
     q_bias = attention.q_proj.bias.reshape(heads, 1, -1)  # [heads, 1, d]
     folded_keys = (k @ q_weight).flatten(-3, -2)  # [..., heads * T, C]
     offsets = (k * q_bias).sum(-1).flatten(-2).unsqueeze(-2)  # [..., 1, heads * T]
-    scores = (image_with_pe @ folded_keys.transpose(-1, -2) + offsets) / math.sqrt(k.shape[-1])
+    scores = image_with_pe @ folded_keys.transpose(-1, -2) + offsets
     per_head = scores.reshape(*scores.shape[:-1], heads, k.shape[-2])
     weights = torch.softmax(per_head, dim=-1).flatten(-2)
     return _image_to_token_output(attention, weights, tokens)
@@ -206,6 +210,31 @@ def first_layer(
     return queries, keys
 
 
+def first_layer_per_prompt(
+    block: TwoWayAttentionBlock,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_pe: torch.Tensor,
+    key_pe: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`first_layer` with both cross attentions folded into the prompt tokens, as in
+    `later_layer`: nothing is projected per image, and each prompt pays two more folded
+    products (`export.branching.FOLD_FIRST_LAYER_UP_TO_PROMPTS` says when that pays)."""
+    flat = queries.flatten(0, 1)
+    queries = block.self_attn(q=flat, k=flat, v=flat).reshape(queries.shape)
+    queries = block.norm1(queries)
+    keys_with_pe = keys + key_pe
+    attn_out = token_to_image(
+        block.cross_attn_token_to_image, queries + query_pe, keys_with_pe, keys
+    )
+    queries = block.norm2(queries + attn_out)
+    queries = block.norm3(queries + block.mlp(queries))
+    attn_out = image_to_token(
+        block.cross_attn_image_to_token, keys_with_pe, queries + query_pe, queries
+    )
+    return queries, block.norm4(keys + attn_out)
+
+
 def later_layer(
     block: TwoWayAttentionBlock,
     queries: torch.Tensor,
@@ -235,8 +264,10 @@ def two_way_transformer(
     keys: torch.Tensor,
     image_pe: torch.Tensor,
     point_embedding: torch.Tensor,
+    share_first_layer: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upstream `TwoWayTransformer.forward`: the first layer shared per image, the rest folded.
+    """Upstream `TwoWayTransformer.forward`: the first layer shared per image (or folded, for
+    calls with few prompts per image: `share_first_layer=False`), the rest folded.
 
     keys [B, M, HW, C] (image tokens plus dense prompt embedding), image_pe [1, HW, C],
     point_embedding [B, P, T, C] -> queries [B * P, T, C], keys [B * P, HW, C].
@@ -252,7 +283,8 @@ def two_way_transformer(
     first, *rest = transformer.layers
     if not first.skip_first_layer_pe:
         raise ValueError("expected upstream's two-way transformer (first layer without pe)")
-    queries, keys = first_layer(first, point_embedding, keys, point_embedding, image_pe)
+    layer_one = first_layer if share_first_layer else first_layer_per_prompt
+    queries, keys = layer_one(first, point_embedding, keys, point_embedding, image_pe)
     queries, keys = queries.flatten(0, 1), keys.flatten(0, 1)
     point_embedding = point_embedding.flatten(0, 1)
     for layer in rest:
@@ -330,17 +362,20 @@ class DecoderGraph(nn.Module):
     Point and mask embedding are `SamOnnxModel._embed_points` / `_embed_masks`; the rest is
     `MaskDecoder.predict_masks`, with the embedding broadcast over prompts instead of
     `repeat_interleave`d, so that B > 1 is possible; the transformer's first layer computes
-    its image-side projections once per image and mask input (`first_layer`), the later
-    attentions fold them into the prompt tokens (`token_to_image`, `image_to_token`), and the
-    upscaling runs channels last (`upscaled_masks`). The same arithmetic, reassociated: the
-    export's verification holds it to upstream's outputs.
+    its image-side projections once per image and mask input (`first_layer`; with
+    `share_first_layer=False` it folds them into the prompt tokens instead, the cheaper side
+    for a single prompt), the later attentions fold them into the prompt tokens
+    (`token_to_image`, `image_to_token`), and the upscaling runs channels last
+    (`upscaled_masks`). The same arithmetic, reassociated: the export's verification holds
+    it to upstream's outputs.
     """
 
-    def __init__(self, sam: Sam) -> None:
+    def __init__(self, sam: Sam, share_first_layer: bool = True) -> None:
         super().__init__()
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
         self.image_size = sam.image_encoder.img_size
+        self.share_first_layer = share_first_layer
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         coords = (coords + 0.5) / self.image_size
@@ -386,7 +421,9 @@ class DecoderGraph(nn.Module):
         tokens = torch.cat((output_tokens, sparse), dim=1)
         tokens = tokens.reshape(batch, prompts, tokens.shape[1], channels)
 
-        hs, src = two_way_transformer(decoder.transformer, keys, image_pe, tokens)
+        hs, src = two_way_transformer(
+            decoder.transformer, keys, image_pe, tokens, self.share_first_layer
+        )
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Bump when the exported graphs change (contract or arithmetic), so old exports are redone.
-EXPORT_FORMAT_VERSION = 5
+EXPORT_FORMAT_VERSION = 6
 MANIFEST_NAME = "export.json"
 MODEL_FILE = "model.onnx"
 

@@ -7,6 +7,7 @@ export format finds both and does nothing.
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -14,9 +15,11 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 
+import onnx
 import torch
 
 from common import contract
+from export.branching import FOLD_FIRST_LAYER_UP_TO_PROMPTS, select_by_prompts
 from export.graphs import DecoderGraph, EncoderGraph, batch_agnostic_tinyvit
 from export.manifest import EXPORT_FORMAT_VERSION
 
@@ -66,14 +69,29 @@ def export_encoder(sam, path: Path) -> None:
 
 
 def export_decoder(sam, path: Path) -> None:
-    graph = DecoderGraph(sam).eval()
-    channels = sam.prompt_encoder.embed_dim
-    height, width = sam.prompt_encoder.image_embedding_size
+    """Trace the decoder with its first layer folded and shared, and join the two under an If
+    on the prompt count (`export.branching`, `FOLD_FIRST_LAYER_UP_TO_PROMPTS`)."""
+    with tempfile.TemporaryDirectory() as folder:
+        traced = {}
+        for share in (False, True):
+            traced[share] = Path(folder) / f"decoder-share-{share}.onnx"
+            _trace_decoder(DecoderGraph(sam, share_first_layer=share).eval(), traced[share])
+        model = select_by_prompts(
+            few=onnx.load(str(traced[False])),
+            many=onnx.load(str(traced[True])),
+            up_to_prompts=FOLD_FIRST_LAYER_UP_TO_PROMPTS,
+        )
+    onnx.save(model, str(path))
+
+
+def _trace_decoder(graph: DecoderGraph, path: Path) -> None:
+    channels = graph.prompt_encoder.embed_dim
+    height, width = graph.prompt_encoder.image_embedding_size
     mask_side = 4 * height
     batch, prompts, points = 1, 2, 3
     example = (
         torch.randn(batch, channels, height, width),
-        torch.rand(batch, prompts, points, 2) * sam.image_encoder.img_size,
+        torch.rand(batch, prompts, points, 2) * graph.image_size,
         torch.ones(batch, prompts, points),
         torch.zeros(batch, 1, 1, mask_side, mask_side),
         torch.zeros(batch, 1),

@@ -244,6 +244,81 @@ def test_decoder_graph_has_named_dynamic_axes(model_repository: Path, settings) 
     assert dims["has_mask_input"] == ["batch", "masks"]
 
 
+def _decode(session, embedding: np.ndarray, coords: np.ndarray, labels: np.ndarray):
+    """Run the decoder on [P, N, 2] coords and [P, N] labels of one image without mask input."""
+    return session.run(
+        None,
+        {
+            "image_embeddings": embedding,
+            "point_coords": coords[None],
+            "point_labels": labels[None],
+            "mask_input": np.zeros((1, 1, 1, 256, 256), dtype=np.float32),
+            "has_mask_input": np.zeros((1, 1), dtype=np.float32),
+        },
+    )
+
+
+def test_decoder_answers_alike_whichever_first_layer_runs(model_repository: Path, settings) -> None:
+    """One prompt runs the first layer folded, several share it (`export.branching`); a
+    prompt's masks and scores must not depend on which. The export's own verification
+    holds both branches to upstream (one-prompt cases and a three-prompt batch)."""
+    import onnxruntime as ort
+
+    from export.branching import FOLD_FIRST_LAYER_UP_TO_PROMPTS
+
+    path = ExportTarget(model_repository, settings.decoder_model).onnx_path
+    model = onnx.load(str(path), load_external_data=False)
+    assert [node.op_type for node in model.graph.node][-1] == "If"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    embedding = rng.normal(size=(1, 256, 64, 64)).astype(np.float32)
+    coords = np.array([[[400.0, 300.0], [0.0, 0.0]]], dtype=np.float32)
+    labels = np.array([[1.0, -1.0]], dtype=np.float32)
+    alone = _decode(session, embedding, coords, labels)
+    together = _decode(
+        session,
+        embedding,
+        np.repeat(coords, FOLD_FIRST_LAYER_UP_TO_PROMPTS + 1, axis=0),
+        np.repeat(labels, FOLD_FIRST_LAYER_UP_TO_PROMPTS + 1, axis=0),
+    )
+    for one, many in zip(alone, together, strict=True):
+        np.testing.assert_allclose(one[0, 0], many[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_branches_are_chosen_by_prompt_count_and_share_weights() -> None:
+    """`select_by_prompts` on two tiny graphs: y = x * w + 1 (few) and y = x * w + 2 (many)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.branching import select_by_prompts
+
+    def tiny(offset: float) -> onnx.ModelProto:
+        weight = numpy_helper.from_array(np.full(3, 2.0, dtype=np.float32), f"w{offset}")
+        bias = numpy_helper.from_array(np.array(offset, dtype=np.float32), "bias")
+        graph = helper.make_graph(
+            [
+                helper.make_node("Mul", ["x", weight.name], ["scaled"]),
+                helper.make_node("Add", ["scaled", "bias"], ["y"]),
+            ],
+            "tiny",
+            [helper.make_tensor_value_info("point_labels", TensorProto.FLOAT, ["b", "p", 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "p", 3])],
+            [weight, bias],
+        )
+        graph.node[0].input[0] = "point_labels"
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    model = select_by_prompts(few=tiny(1.0), many=tiny(2.0), up_to_prompts=1)
+    stored = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert sum(array.shape == (3,) for array in stored.values()) == 1, "equal weights once"
+    assert sum(array.shape == () for array in stored.values()) == 2, "different ones twice"
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for prompts, offset in ((1, 1.0), (2, 2.0), (5, 2.0)):
+        x = np.ones((1, prompts, 3), dtype=np.float32)
+        (y,) = session.run(None, {"point_labels": x})
+        np.testing.assert_array_equal(y, 2.0 + offset)
+
+
 def test_verification_fails_loudly_past_tolerance() -> None:
     expected = np.linspace(-2, 2, 100, dtype=np.float32)
     bound = ABSOLUTE_TOLERANCE + RELATIVE_TOLERANCE * 2

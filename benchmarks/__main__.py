@@ -6,6 +6,7 @@ Sections, in order (each writes its raw JSON to build/bench/results/ as soon as 
   delay     decoder queue-delay sweep (full run only): picks the delay the next sections use
   batching  dynamic batching off/on x instances x threads, both models (perf_analyzer)
   runtime   ONNX Runtime vs OpenVINO fp32 vs OpenVINO bf16, with mask parity via the proxy
+  graph     the decoder's first layer folded vs shared, at one prompt and at 16 (in process)
   int8      the encoder quantized to int8 against fp32 (full run only)
   e2e       both precision profiles under load, and the in-process PyTorch baseline
 
@@ -35,6 +36,7 @@ from benchmarks.common import (
     package_versions,
     write_json,
 )
+from benchmarks.decoder_graph import compare_first_layers
 from benchmarks.e2e import (
     EVERYTHING_TRANSPORT_ROUNDS,
     Profile,
@@ -57,6 +59,7 @@ from benchmarks.triton_sweeps import (
 )
 from benchmarks.variants import SOURCE_REPOSITORY, Variant, committed_variant
 from common import contract
+from export.manifest import ExportTarget
 from serving.triton import TritonServer
 
 log = logging.getLogger("bench")
@@ -262,6 +265,10 @@ def run_int8() -> dict[str, Any]:
     return result
 
 
+def run_graph() -> dict[str, Any]:
+    return compare_first_layers(ExportTarget(assets.EXPORT_DIR, contract.DECODER_MODEL).onnx_path)
+
+
 def fast_profile(base: Variant) -> Variant:
     """The committed configuration with the fast profile switched on, as it is deployed."""
     return base.with_environment(
@@ -368,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             "delay": lambda: run_delay(run) if plan.queue_delays_us else None,
             "batching": lambda: run_batching(run),
             "runtime": lambda: run_runtime(run),
+            "graph": lambda: run.section("graph", run_graph()),
             "int8": lambda: run.section("int8", run_int8()) if plan.int8 else None,
             "e2e": lambda: run_e2e(run),
         }

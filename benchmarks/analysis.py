@@ -525,7 +525,41 @@ def recommend(results: dict[str, Results | None]) -> list[Choice]:
                 choice["reason"],
             )
         )
+    first_layer = _first_layer_choice(results.get("graph"))
+    if first_layer:
+        choices.append(first_layer)
     return choices
+
+
+def _first_layer_choice(graph: Results | None) -> Choice | None:
+    """Whether one prompt should run the decoder's first layer folded (the `graph` section:
+    both branches of model.onnx's If, alternating in one process)."""
+    levels = {row["prompts"]: row for row in (graph or {}).get("levels", [])}
+    if 1 not in levels or len(levels) < 2:
+        return None
+    one, many = levels[1], levels[max(levels)]
+
+    def timing(row: Results, form: str) -> str:
+        low, high = row[form]["range_ms"]
+        return (
+            f"{row[form]['median_ms']:.0f} ms ({low:.0f}-{high:.0f} over "
+            f"{row[form]['trials']} trials)"
+        )
+
+    def ratio(row: Results) -> float:  # > 1: folded is faster
+        return row["shared"]["median_ms"] / row["folded"]["median_ms"]
+
+    limit = graph["committed_up_to_prompts"]
+    return Choice(
+        "decoder first layer (export/branching.py)",
+        _verdict(ratio(one), "folded for one prompt", "shared", "either (within noise)"),
+        f"folded up to {limit} prompt{'s' if limit > 1 else ''} per image, shared above",
+        f"folded vs shared, medians of alternating trials (range), ONNX Runtime in process: "
+        f"one prompt {timing(one, 'folded')} vs {timing(one, 'shared')} ({ratio(one):.2f}x); "
+        f"{many['prompts']} prompts {timing(many, 'folded')} vs {timing(many, 'shared')} "
+        f"({ratio(many):.2f}x); answers differ by at most "
+        f"{max(one['max_abs_difference'], many['max_abs_difference']):.1g}",
+    )
 
 
 def _parity(runtime: Results | None, candidate: str, reference: str) -> str:

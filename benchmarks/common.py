@@ -25,7 +25,7 @@ PLOTS_DIR = PROJECT_ROOT / "benchmarks" / "plots"
 REPORT_PATH = PROJECT_ROOT / "BENCHMARKS.md"
 
 # What one run measures, in order; each writes build/bench/results/<section>.json.
-SECTIONS = ("peak", "delay", "batching", "runtime", "int8", "e2e")
+SECTIONS = ("peak", "delay", "batching", "runtime", "graph", "int8", "e2e")
 
 # Both our stack and the PyTorch baseline get the same fixed thread budget: the machine's two
 # cores. Fixed, so that runs on a bigger machine stay comparable with the committed report.

@@ -217,6 +217,18 @@ def _load(target: str, workload: str, concurrency: int, throughput: float, p50: 
     }
 
 
+def _first_layers(prompts: int, folded: float, shared: float) -> dict:
+    def timing(ms: float) -> dict:
+        return {"median_ms": ms, "range_ms": [ms * 0.9, ms * 1.1], "trials": 8}
+
+    return {
+        "prompts": prompts,
+        "max_abs_difference": 3e-7,
+        "folded": timing(folded),
+        "shared": timing(shared),
+    }
+
+
 def synthetic_results() -> dict[str, dict]:
     batching = [
         _variant(
@@ -345,6 +357,14 @@ def synthetic_results() -> dict[str, dict]:
         "peak": peak,
         "batching": {"variants": batching},
         "runtime": {"variants": runtime, "parity": {"comparisons": []}},
+        "graph": {
+            "levels": [
+                _first_layers(1, folded=40.0, shared=50.0),
+                _first_layers(16, folded=560.0, shared=540.0),
+            ],
+            "committed_up_to_prompts": 1,
+            "threads": 2,
+        },
         "e2e": e2e,
         "int8": {
             "capabilities": ["FP32", "INT8"],
@@ -433,6 +453,10 @@ def test_recommendations_follow_the_data() -> None:
     assert choices["precision"].choice.startswith("fp32")
     assert choices["encoder dynamic batching"].choice.startswith("off")  # 1.4 vs 1.6/s
     assert choices["decoder dynamic batching"].choice == "on"  # 30 vs 25/s
+    first_layer = choices["decoder first layer (export/branching.py)"]
+    assert first_layer.choice == "folded for one prompt"  # 40 vs 50 ms
+    assert first_layer.committed == "folded up to 1 prompt per image, shared above"
+    assert "16 prompts 560 ms" in first_layer.why and "(0.96x)" in first_layer.why
 
 
 def test_the_decoder_runtime_weighs_segment_everythings_calls_too() -> None:
@@ -585,3 +609,38 @@ def test_triton_split_counts_each_execution_once() -> None:
     delta = stats_delta(stats(0, 0, 0), stats(2, 6_000_000_000, 3_000_000_000), served=2)
     assert delta["decoder"]["compute_ms"] == 3000.0  # per request
     assert delta["decoder"]["execution_compute_ms"] == 3000.0  # in all
+
+
+def test_the_first_layer_comparison_runs_each_branch_of_the_export(
+    model_repository: Path, settings
+) -> None:
+    """The `graph` section lifts each branch of model.onnx's If into a model of its own: each
+    answers as the whole model does where the If picks it, and the section times both."""
+    import onnx
+    import onnxruntime as ort
+
+    from benchmarks import decoder_graph
+    from export.manifest import ExportTarget
+
+    path = ExportTarget(model_repository, settings.decoder_model).onnx_path
+    model = onnx.load(str(path))
+
+    def run(candidate: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+        session = ort.InferenceSession(
+            candidate.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        return session.run(None, feeds)
+
+    for prompts, folded in ((1, True), (3, False)):
+        feeds = decoder_graph._inputs(prompts)
+        whole = run(model, feeds)
+        branch = run(decoder_graph.branch_model(model, folded), feeds)
+        for ours, theirs in zip(branch, whole, strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+    record = decoder_graph.compare_first_layers(path, rounds=2)
+    assert [level["prompts"] for level in record["levels"]] == [1, decoder_graph.MANY_PROMPTS]
+    for level in record["levels"]:
+        assert level["max_abs_difference"] < 1e-4
+        for form in ("folded", "shared"):
+            assert level[form]["trials"] == 2 and level[form]["median_ms"] > 0

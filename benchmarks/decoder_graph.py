@@ -1,0 +1,126 @@
+"""The decoder's first layer folded vs shared, side by side on the exported model.
+
+model.onnx holds both forms of the first layer behind an If on the prompt count
+(`export/branching.py`). Here each branch is lifted out into a model of its own, and both
+run in this process with ONNX Runtime set up as the committed decoder runs it (two threads,
+sequential, memory arena on), in alternating trials (A B, B A, ...), at one prompt (a click)
+and at the prompts of one of segment everything's runtime calls. The medians and their range
+decide `FOLD_FIRST_LAYER_UP_TO_PROMPTS` in the report's "Defaults chosen from the data".
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from benchmarks.common import THREADS
+from common import contract
+from export.branching import FOLD_FIRST_LAYER_UP_TO_PROMPTS
+
+# Segment everything's calls reach the runtime in chunks of max_work_per_run prompts
+# (model_repository/mobilesam_decoder/config.pbtxt).
+MANY_PROMPTS = 16
+ROUNDS = 8
+# Runs per trial: about half a second of work each.
+RUNS = {1: 8, MANY_PROMPTS: 1}
+
+
+def branch_model(model: onnx.ModelProto, folded: bool) -> onnx.ModelProto:
+    """One branch of the decoder's If as a standalone model with the same inputs."""
+    (choice,) = [node for node in model.graph.node if node.op_type == "If"]
+    name = "then_branch" if folded else "else_branch"
+    branch = next(a.g for a in choice.attribute if a.name == name)
+    outputs = list(branch.node)
+    for inner, outer in zip(branch.output, choice.output, strict=True):
+        outputs.append(helper.make_node("Identity", [inner.name], [outer]))
+    graph = helper.make_graph(
+        outputs,
+        name,
+        list(model.graph.input),
+        list(model.graph.output),
+        list(model.graph.initializer),
+    )
+    standalone = helper.make_model(graph, opset_imports=list(model.opset_import))
+    standalone.ir_version = model.ir_version
+    return standalone
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def _inputs(prompts: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One image's embedding with `prompts` clicks (each with upstream's padding point)."""
+    rng = np.random.default_rng(seed)
+    side = contract.LOW_RES_SIDE
+    clicks = rng.uniform(0, contract.DEFAULT_IMAGE_SIDE, (1, prompts, 1, 2))
+    coords = np.concatenate([clicks, np.zeros((1, prompts, 1, 2))], axis=2)
+    labels = np.tile([contract.FOREGROUND_LABEL, contract.PADDING_LABEL], (1, prompts, 1))
+    return {
+        contract.IMAGE_EMBEDDINGS: rng.normal(size=(1, *contract.EMBEDDING_SHAPE)).astype(
+            np.float32
+        ),
+        contract.POINT_COORDS: coords.astype(np.float32),
+        contract.POINT_LABELS: labels.astype(np.float32),
+        contract.MASK_INPUT: np.zeros((1, 1, 1, side, side), dtype=np.float32),
+        contract.HAS_MASK_INPUT: np.zeros((1, 1), dtype=np.float32),
+    }
+
+
+def compare_first_layers(decoder_onnx: Path, rounds: int = ROUNDS) -> dict[str, Any]:
+    """Per-call milliseconds of both branches, alternating, and how far their answers differ."""
+    model = onnx.load(str(decoder_onnx))
+    sessions = {
+        form: _session(branch_model(model, folded=form == "folded"))
+        for form in ("folded", "shared")
+    }
+    levels = []
+    for prompts in (1, MANY_PROMPTS):
+        feeds = _inputs(prompts)
+        answers = {form: session.run(None, feeds) for form, session in sessions.items()}
+        difference = max(
+            float(np.abs(a - b).max())
+            for a, b in zip(answers["folded"], answers["shared"], strict=True)
+        )
+        trials: dict[str, list[float]] = {form: [] for form in sessions}
+        for trial in range(rounds):
+            order = list(sessions) if trial % 2 == 0 else list(sessions)[::-1]
+            for form in order:
+                started = time.perf_counter()
+                for _ in range(RUNS[prompts]):
+                    sessions[form].run(None, feeds)
+                trials[form].append((time.perf_counter() - started) / RUNS[prompts] * 1000)
+        levels.append(
+            {
+                "prompts": prompts,
+                "max_abs_difference": difference,
+                **{
+                    form: {
+                        "median_ms": statistics.median(ms),
+                        "range_ms": [min(ms), max(ms)],
+                        "trials": len(ms),
+                    }
+                    for form, ms in trials.items()
+                },
+            }
+        )
+    return {
+        "levels": levels,
+        "committed_up_to_prompts": FOLD_FIRST_LAYER_UP_TO_PROMPTS,
+        "threads": THREADS,
+    }

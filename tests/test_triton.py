@@ -187,7 +187,7 @@ def test_a_large_decoder_request_runs_in_bounded_calls(
         )
         for name in contract.DECODER_OUTPUTS:
             np.testing.assert_array_equal(whole.as_numpy(name)[0, part], alone.as_numpy(name)[0])
-    # ~55 MB per prompt of one call with ONNX Runtime's arena (BENCHMARKS.md, "Decoder
+    # ~32 MB per prompt of one call with ONNX Runtime's arena (BENCHMARKS.md, "Decoder
     # memory"), bounded here at 64, plus the runtime and the outputs.
     peak = stub_peak_rss_mb(triton_server.process.pid, settings.decoder_model)
     print(f"decoder stub peak RSS {peak:.0f} MB after {prompts} prompts in one request")

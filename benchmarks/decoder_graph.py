@@ -4,8 +4,9 @@ model.onnx holds both forms of the first layer behind an If on the prompt count
 (`export/branching.py`). Here each branch is lifted out into a model of its own, and both
 run in this process with ONNX Runtime set up as the committed decoder runs it (two threads,
 sequential, memory arena on), in alternating trials (A B, B A, ...), at one prompt (a click)
-and at the prompts of one of segment everything's runtime calls. The medians and their range
-decide `FOLD_FIRST_LAYER_UP_TO_PROMPTS` in the report's "Defaults chosen from the data".
+and at the prompts of one of segment everything's runtime calls. The report's "Defaults
+chosen from the data" sets their medians and ranges beside the committed
+`FOLD_FIRST_LAYER_UP_TO_PROMPTS`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     )
 
 
-def _inputs(prompts: int, seed: int = 0) -> dict[str, np.ndarray]:
+def click_inputs(prompts: int, seed: int = 0) -> dict[str, np.ndarray]:
     """One image's embedding with `prompts` clicks (each with upstream's padding point)."""
     rng = np.random.default_rng(seed)
     side = contract.LOW_RES_SIDE
@@ -91,7 +92,7 @@ def compare_first_layers(decoder_onnx: Path, rounds: int = ROUNDS) -> dict[str, 
     }
     levels = []
     for prompts in (1, MANY_PROMPTS):
-        feeds = _inputs(prompts)
+        feeds = click_inputs(prompts)
         answers = {form: session.run(None, feeds) for form, session in sessions.items()}
         difference = max(
             float(np.abs(a - b).max())

@@ -632,7 +632,7 @@ def test_the_first_layer_comparison_runs_each_branch_of_the_export(
         return session.run(None, feeds)
 
     for prompts, folded in ((1, True), (3, False)):
-        feeds = decoder_graph._inputs(prompts)
+        feeds = decoder_graph.click_inputs(prompts)
         whole = run(model, feeds)
         branch = run(decoder_graph.branch_model(model, folded), feeds)
         for ours, theirs in zip(branch, whole, strict=True):

@@ -38,11 +38,11 @@ def branch_model(model: onnx.ModelProto, folded: bool) -> onnx.ModelProto:
     (choice,) = [node for node in model.graph.node if node.op_type == "If"]
     name = "then_branch" if folded else "else_branch"
     branch = next(a.g for a in choice.attribute if a.name == name)
-    outputs = list(branch.node)
+    nodes = list(branch.node)
     for inner, outer in zip(branch.output, choice.output, strict=True):
-        outputs.append(helper.make_node("Identity", [inner.name], [outer]))
+        nodes.append(helper.make_node("Identity", [inner.name], [outer]))
     graph = helper.make_graph(
-        outputs,
+        nodes,
         name,
         list(model.graph.input),
         list(model.graph.output),

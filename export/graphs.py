@@ -193,9 +193,7 @@ def first_layer(
     computed once per image; the image->token output is folded (`_image_to_token_output`).
     The keys it returns differ per prompt: [B, P, HW, C].
     """
-    flat = queries.flatten(0, 1)
-    queries = block.self_attn(q=flat, k=flat, v=flat).reshape(queries.shape)
-    queries = block.norm1(queries)
+    queries = _first_self_attention(block, queries)
     attn_out = attend(block.cross_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
     queries = block.norm2(queries + attn_out)
     queries = block.norm3(queries + block.mlp(queries))
@@ -220,19 +218,8 @@ def first_layer_per_prompt(
     """`first_layer` with both cross attentions folded into the prompt tokens, as in
     `later_layer`: nothing is projected per image, and each prompt pays two more folded
     products (`export.branching.FOLD_FIRST_LAYER_UP_TO_PROMPTS` says when that pays)."""
-    flat = queries.flatten(0, 1)
-    queries = block.self_attn(q=flat, k=flat, v=flat).reshape(queries.shape)
-    queries = block.norm1(queries)
-    keys_with_pe = keys + key_pe
-    attn_out = token_to_image(
-        block.cross_attn_token_to_image, queries + query_pe, keys_with_pe, keys
-    )
-    queries = block.norm2(queries + attn_out)
-    queries = block.norm3(queries + block.mlp(queries))
-    attn_out = image_to_token(
-        block.cross_attn_image_to_token, keys_with_pe, queries + query_pe, queries
-    )
-    return queries, block.norm4(keys + attn_out)
+    queries = _first_self_attention(block, queries)
+    return _folded_cross_attentions(block, queries, keys, query_pe, key_pe)
 
 
 def later_layer(
@@ -246,6 +233,27 @@ def later_layer(
     cross attentions in their folded forms (`token_to_image`, `image_to_token`)."""
     q = queries + query_pe
     queries = block.norm1(queries + block.self_attn(q=q, k=q, v=queries))
+    return _folded_cross_attentions(block, queries, keys, query_pe, key_pe)
+
+
+def _first_self_attention(block: TwoWayAttentionBlock, queries: torch.Tensor) -> torch.Tensor:
+    """The first layer's self attention (`skip_first_layer_pe`: no pe, no residual) on
+    queries [B, P, T, C]."""
+    flat = queries.flatten(0, 1)
+    queries = block.self_attn(q=flat, k=flat, v=flat).reshape(queries.shape)
+    return block.norm1(queries)
+
+
+def _folded_cross_attentions(
+    block: TwoWayAttentionBlock,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_pe: torch.Tensor,
+    key_pe: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer after its self attention: token->image attention, MLP, image->token attention,
+    both attentions folded (`token_to_image`, `image_to_token`). Keys broadcast over prompts
+    ([B, 1, HW, C] against queries [B, P, T, C]) or are per prompt already."""
     keys_with_pe = keys + key_pe
     attn_out = token_to_image(
         block.cross_attn_token_to_image, queries + query_pe, keys_with_pe, keys
@@ -255,8 +263,7 @@ def later_layer(
     attn_out = image_to_token(
         block.cross_attn_image_to_token, keys_with_pe, queries + query_pe, queries
     )
-    keys = block.norm4(keys + attn_out)
-    return queries, keys
+    return queries, block.norm4(keys + attn_out)
 
 
 def two_way_transformer(

@@ -10,7 +10,8 @@ from fastapi.openapi.utils import get_openapi
 
 from common.settings import Settings, get_settings
 from proxy.admission import Admission
-from proxy.cache import EmbeddingCache, SharedTier
+from proxy.cache import EmbeddingCache
+from proxy.mask_store import MaskStore
 from proxy.metrics import ProxyMetrics
 from proxy.middleware import BodySizeLimit, RequestGuard, RequestMetrics
 from proxy.page import install_page
@@ -35,8 +36,9 @@ the encoder again, and a mask's `mask_id` refines that object. Errors are
 GatewayFactory = Callable[[Settings, ProxyMetrics], ModelGateway]
 
 
-def shared_tier(settings: Settings, metrics: ProxyMetrics) -> SharedTier | None:
-    """Redis behind the local LRU when REDIS_URL is set (several proxy replicas)."""
+def shared_tier(settings: Settings, metrics: ProxyMetrics) -> RedisTier | None:
+    """Redis behind the local LRUs of embeddings and masks when REDIS_URL is set (several
+    proxy replicas)."""
     if not settings.redis_url:
         return None
     return RedisTier(
@@ -59,15 +61,17 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gateway = gateway_factory(settings, metrics)
-        cache = EmbeddingCache(settings.embedding_cache_bytes, shared_tier(settings, metrics))
+        shared = shared_tier(settings, metrics)
+        cache = EmbeddingCache(settings.embedding_cache_bytes, shared)
+        masks = MaskStore(settings.mask_cache_bytes, shared)
         app.state.service = SegmentationService(
-            settings, gateway, cache, metrics, admission=Admission(settings, metrics)
+            settings, gateway, cache, metrics, masks, Admission(settings, metrics)
         )
         try:
             yield
         finally:
             await gateway.close()
-            await cache.close()
+            await cache.close()  # and the shared tier the masks use too
 
     app = FastAPI(
         title="MobileSAM on Triton",

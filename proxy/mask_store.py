@@ -8,6 +8,10 @@ only for the image (and model) it was computed on.
 
 A handle is a hash of the image's key and the logits themselves: the same answer gets the
 same handle (a repeated request takes no more room), and handles cannot be guessed.
+
+With a shared tier (`proxy.shared_cache.RedisTier`, when `REDIS_URL` is set) every mask kept
+is also written there before the answer leaves, and a local miss asks it, so a client may
+refine on any proxy replica, as it may re-prompt an `image_id` on any of them.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -47,9 +52,18 @@ class StoredMask:
         return cls(digest.hexdigest(), image_key, logits)
 
 
+class SharedMasks(Protocol):
+    """Masks shared by proxy replicas. Never raises: a failure is a miss (or no store)."""
+
+    async def load_mask(self, mask_id: str) -> StoredMask | None: ...
+
+    async def store_masks(self, masks: list[StoredMask]) -> None: ...
+
+
 class MaskStore:
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, shared: SharedMasks | None = None) -> None:
         self.budget_bytes = budget_bytes
+        self.shared = shared
         self._masks: OrderedDict[str, StoredMask] = OrderedDict()
         self.used_bytes = 0
 
@@ -76,3 +90,19 @@ class MaskStore:
         if stored is not None:
             self._masks.move_to_end(mask_id)
         return stored
+
+    async def lookup(self, mask_id: str) -> StoredMask | None:
+        """Local first, then the shared tier (a shared hit is kept locally too)."""
+        stored = self.get(mask_id)
+        if stored is None and self.shared is not None:
+            stored = await self.shared.load_mask(mask_id)
+            if stored is not None:
+                self.add(stored)
+        return stored
+
+    async def keep(self, masks: list[StoredMask]) -> list[str]:
+        """Add `masks` here and to the shared tier; their ids, in order."""
+        ids = [self.add(mask) for mask in masks]
+        if masks and self.shared is not None:
+            await self.shared.store_masks(masks)
+        return ids

@@ -97,10 +97,17 @@ class ProxyMetrics:
             ["result"],
             registry=self.registry,
         )
+        self.shared_mask_lookups = Counter(
+            "proxy_shared_mask_lookups",
+            "Shared (Redis) lookups of a mask_id after a local miss that Redis answered, "
+            "by result.",
+            ["result"],
+            registry=self.registry,
+        )
         self.shared_cache_errors = Counter(
             "proxy_shared_cache_errors",
-            "Failed shared-cache calls (unreachable, timed out, unreadable entry), by operation; "
-            "the proxy then serves from its local cache.",
+            "Failed shared-cache calls (unreachable, timed out, unreadable entry), by operation "
+            "(load, store, load_mask, store_masks); the proxy then serves from its local cache.",
             ["operation"],
             registry=self.registry,
         )

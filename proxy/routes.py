@@ -243,7 +243,7 @@ async def segment_image(
         return await segment_everything(
             request, service, embedded, params, output_format, return_overlay, timings
         )
-    parsed = service.parse_prompts(prompts, image)  # before any inference
+    parsed = await service.parse_prompts(prompts, image)  # before any inference
     embedded = await service.embed(image, timings)
     results = await service.segment(embedded, parsed, multimask_output, output_format, timings)
     height, width = embedded.size

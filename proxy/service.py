@@ -3,7 +3,7 @@
 No HTTP here: the routes parse a request and call these steps in order,
 
     image = await service.open_image(upload, image_id)    # decoded, or found in the cache
-    prompts = service.parse_prompts(raw, image)           # rejected before any inference
+    prompts = await service.parse_prompts(raw, image)     # rejected before any inference
     embedded = await service.embed(image)                 # the encoder, unless cached
     results = await service.segment(embedded, prompts)    # the decoder, then the records
 
@@ -202,9 +202,9 @@ class SegmentationService:
             self.admission.image(bytes_per_pixel * height * width)
         )
 
-    def parse_prompts(self, raw: str, image: OpenedImage) -> list[Prompt]:
+    async def parse_prompts(self, raw: str, image: OpenedImage) -> list[Prompt]:
         """The request's prompts, validated against the image's size and the limits, with the
-        previous masks their `mask_id`s name."""
+        previous masks their `mask_id`s name (kept here or, with Redis, by any replica)."""
         height, width = image.size
         prompts = parse_prompts(
             raw,
@@ -215,15 +215,15 @@ class SegmentationService:
             coordinate_margin=self.settings.prompt_coordinate_margin * max(width, height),
         )
         return [
-            replace(prompt, mask_input=self._previous_mask(prompt.mask_id, image, index))
+            replace(prompt, mask_input=await self._previous_mask(prompt.mask_id, image, index))
             if prompt.mask_id is not None
             else prompt
             for index, prompt in enumerate(prompts)
         ]
 
-    def _previous_mask(self, mask_id: str, image: OpenedImage, index: int) -> np.ndarray:
+    async def _previous_mask(self, mask_id: str, image: OpenedImage, index: int) -> np.ndarray:
         where = f"prompts[{index}].mask_id"
-        stored = self.masks.get(mask_id)
+        stored = await self.masks.lookup(mask_id)
         if stored is None or stored.image_key[0] != self.identity:
             raise UnknownMaskId(
                 f"{where}: mask {mask_id} is not (or no longer) kept; prompt again without it"
@@ -343,8 +343,7 @@ class SegmentationService:
 
         with timings.stage("postprocess"):
             results, kept = await to_thread.run_sync(records)
-        for mask in kept:
-            self.masks.add(mask)
+        await self.masks.keep(kept)  # shared before the answer names them
         return results
 
     # --- segment everything -------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """The shared embedding cache with a real `redis-server`: exact entries, deadlines, degradation,
-and two real proxy processes in front of one Triton sharing their images through it.
+and two real proxy processes in front of one Triton sharing their images and masks through it.
 
 The tier on its own (no Triton): an entry comes back bit for bit; an unreachable or silent
 Redis is a miss counted in `proxy_shared_cache_errors_total`, never an exception; concurrent
 misses still share one computation. End to end: an upload to one proxy and a re-prompt by
 `image_id` on the other succeed without an encoder call (Triton's inference count does not
 move) and give the same masks; stopping Redis mid-test degrades to each proxy's local cache
-without a single 5xx, and the proxies share again once Redis is back.
+without a single 5xx, and the proxies share again once Redis is back. A mask answered by one
+proxy refines its object on the other exactly as on the first; a stored mask must hash to its
+`mask_id`, so a damaged or swapped entry is a miss, never another image's logits.
 """
 
 from __future__ import annotations
@@ -25,15 +27,20 @@ import redis
 
 from common.settings import Settings
 from proxy.cache import CachedImage, EmbeddingCache
+from proxy.mask_store import MaskStore, StoredMask
 from proxy.metrics import ProxyMetrics
 from proxy.shared_cache import (
     BACKOFF_S,
     MAGIC,
+    MASK_MAGIC,
     RedisTier,
     UnreadableEntry,
     deserialize,
+    deserialize_mask,
+    mask_key,
     redis_key,
     serialize,
+    serialize_mask,
 )
 from testkit.ports import free_port
 from testkit.processes import ServerProcess, proxy_process
@@ -44,6 +51,7 @@ from .test_proxy_api import assert_problem, encoder_executions, png_bytes, segme
 
 KEY = ("mobilesam_encoder@test", "ab" * 32)
 TTL_S = 600
+MASK_BYTES = 256 * 256 * 4
 
 
 def entry(seed: int = 0, source: bytes = b"\x89PNG...") -> CachedImage:
@@ -100,6 +108,45 @@ def test_an_entry_is_stored_exactly() -> None:
 def test_anything_else_is_unreadable(damage) -> None:
     with pytest.raises(UnreadableEntry):
         deserialize(damage(serialize(entry())))
+
+
+def stored_mask(seed: int, image_id: str = "ab" * 32) -> StoredMask:
+    logits = np.random.default_rng(seed).standard_normal((256, 256), dtype=np.float32)
+    return StoredMask.of((KEY[0], image_id), logits)
+
+
+def test_a_mask_is_stored_exactly_under_its_id() -> None:
+    original = stored_mask(seed=5)
+    read_back = deserialize_mask(original.mask_id, serialize_mask(original))
+    assert (read_back.mask_id, read_back.image_key) == (original.mask_id, original.image_key)
+    assert read_back.logits.dtype == np.float32 and read_back.logits.shape == (256, 256)
+    assert read_back.logits.tobytes() == original.logits.tobytes()
+
+
+def _flip_last_byte(value: bytes) -> bytes:
+    return value[:-1] + bytes([value[-1] ^ 1])
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda value: _flip_last_byte(value), id="logits changed"),
+        pytest.param(
+            lambda value: value.replace(b'"image_id": "abab', b'"image_id": "cdab'),
+            id="another image's key",
+        ),
+        pytest.param(lambda value: serialize_mask(stored_mask(seed=6)), id="another mask"),
+        pytest.param(lambda value: value[:-4], id="truncated"),
+        pytest.param(lambda value: MAGIC + value[len(MASK_MAGIC) :], id="an embedding's magic"),
+        pytest.param(lambda value: serialize(entry()), id="an embedding"),
+    ],
+)
+def test_a_mask_entry_is_unreadable_unless_it_hashes_to_its_id(damage) -> None:
+    original = stored_mask(seed=5)
+    damaged = damage(serialize_mask(original))
+    assert damaged != serialize_mask(original)
+    with pytest.raises(UnreadableEntry):
+        deserialize_mask(original.mask_id, damaged)
 
 
 # --- the tier against a real redis-server ----------------------------------------------------
@@ -238,6 +285,92 @@ def test_two_caches_share_entries_and_concurrent_misses_compute_once(redis_serve
     assert_same_entry(found, entry(seed=3))
 
 
+def test_two_mask_stores_share_masks_through_redis(redis_server) -> None:
+    """One replica keeps a prompt's masks; another, which never saw them, finds each by id,
+    then keeps it locally (no second Redis lookup)."""
+    metrics = ProxyMetrics()
+    masks = [stored_mask(seed) for seed in (7, 8, 9)]
+    direct = redis.Redis.from_url(redis_server.url)
+
+    async def scenario() -> list[StoredMask | None]:
+        shared_first, shared_second = (
+            tier(redis_server.url, metrics),
+            tier(redis_server.url, metrics),
+        )
+        first = MaskStore(64 * MASK_BYTES, shared_first)
+        second = MaskStore(64 * MASK_BYTES, shared_second)
+        try:
+            ids = await first.keep(masks)
+            assert ids == [mask.mask_id for mask in masks]
+            found = [await second.lookup(mask_id) for mask_id in ids]
+            found.append(await second.lookup(ids[0]))  # local now
+            found.append(await second.lookup("0" * 32))  # never kept anywhere
+            return found
+        finally:
+            await shared_first.close()
+            await shared_second.close()
+
+    try:
+        *found, again, unknown = asyncio.run(scenario())
+        ttls = [direct.ttl(mask_key(mask.mask_id)) for mask in masks]
+    finally:
+        direct.delete(*(mask_key(mask.mask_id) for mask in masks))
+        direct.close()
+    for got, mask in zip(found, masks, strict=True):
+        assert got is not None and got.mask_id == mask.mask_id
+        assert got.image_key == mask.image_key
+        assert got.logits.tobytes() == mask.logits.tobytes()
+    assert again is found[0] and unknown is None
+    assert all(0 < ttl <= TTL_S for ttl in ttls), ttls
+    assert metric(metrics, "proxy_shared_mask_lookups_total", result="hit") == 3
+    assert metric(metrics, "proxy_shared_mask_lookups_total", result="miss") == 1
+    assert metric(metrics, "proxy_shared_cache_errors_total", operation="store_masks") == 0
+
+
+def test_a_swapped_mask_entry_is_a_counted_miss(redis_server) -> None:
+    """Whoever can write to Redis still cannot make a mask_id name another image's logits."""
+    metrics = ProxyMetrics()
+    wanted, other = stored_mask(seed=10), stored_mask(seed=11, image_id="cd" * 32)
+    direct = redis.Redis.from_url(redis_server.url)
+    direct.set(mask_key(wanted.mask_id), serialize_mask(other), ex=60)
+
+    async def scenario() -> StoredMask | None:
+        shared = tier(redis_server.url, metrics)
+        try:
+            return await MaskStore(64 * MASK_BYTES, shared).lookup(wanted.mask_id)
+        finally:
+            await shared.close()
+
+    try:
+        assert asyncio.run(scenario()) is None
+    finally:
+        direct.delete(mask_key(wanted.mask_id))
+        direct.close()
+    assert metric(metrics, "proxy_shared_cache_errors_total", operation="load_mask") == 1
+
+
+def test_masks_without_redis_stay_local(silent_server) -> None:
+    """A hung Redis costs the first call its deadline; the masks are still kept locally."""
+    metrics = ProxyMetrics()
+    masks = [stored_mask(seed=12)]
+
+    async def scenario() -> tuple[StoredMask | None, StoredMask | None]:
+        shared = tier(f"redis://127.0.0.1:{silent_server}/0", metrics, timeout_s=0.2)
+        store = MaskStore(64 * MASK_BYTES, shared)
+        try:
+            await asyncio.wait_for(store.keep(masks), 10)
+            here = await asyncio.wait_for(store.lookup(masks[0].mask_id), 10)
+            elsewhere = await asyncio.wait_for(shared.load_mask(stored_mask(13).mask_id), 10)
+            return here, elsewhere
+        finally:
+            await shared.close()
+
+    here, elsewhere = asyncio.run(scenario())
+    assert here is masks[0] and elsewhere is None
+    assert metric(metrics, "proxy_shared_cache_errors_total", operation="store_masks") == 1
+    assert metric(metrics, "proxy_shared_cache_skips_total", reason="backoff") == 1
+
+
 # --- two proxies, one Triton, one Redis -------------------------------------------------------
 
 
@@ -316,6 +449,30 @@ def test_segment_everything_by_image_id_on_the_other_proxy(
     assert encoder_executions(triton_client, settings) == before
 
 
+def test_a_mask_from_one_proxy_refines_its_object_on_the_other(clients) -> None:
+    """The page's refinement, with a load balancer between its clicks: the second click's
+    `mask_id` names a mask the other proxy answered, and the answer is the one the first
+    proxy itself gives."""
+    a, b = clients
+    first = segment(a, png_bytes(seed=45), prompts=json.dumps([{"points": [[40, 30]]}]))
+    assert first.status_code == 200, first.text
+    image_id = first.json()["image_id"]
+    chosen = first.json()["results"][0]["masks"][0]["mask_id"]
+    refine = json.dumps([{"points": [[40, 30], [90, 70]], "labels": [1, 0], "mask_id": chosen}])
+    hits_before = proxy_metric(b, 'proxy_shared_mask_lookups_total{result="hit"}')
+
+    there = segment(b, None, image_id=image_id, prompts=refine, multimask_output="false")
+    here = segment(a, None, image_id=image_id, prompts=refine, multimask_output="false")
+    for response in (there, here):
+        assert response.status_code == 200, response.text
+    assert there.json()["results"] == here.json()["results"]
+    assert proxy_metric(b, 'proxy_shared_mask_lookups_total{result="hit"}') == hits_before + 1
+
+    # Found through Redis, the mask still belongs to its own image only.
+    other = segment(b, png_bytes(seed=46), prompts=refine)
+    assert_problem(other, 422, "mask_image_mismatch")
+
+
 def test_stopping_redis_degrades_to_local_caches(
     clients, two_proxies, redis_server, triton_client, settings
 ) -> None:
@@ -333,6 +490,14 @@ def test_stopping_redis_degrades_to_local_caches(
         assert a.get("/readyz").status_code == 200, "readiness does not depend on Redis"
         # Shared before the outage and now in B's local cache: still served there.
         assert record(segment(b, None, image_id=shared_id)).status_code == 200
+        # A mask answered now is not shared either: refining it on the other proxy is the
+        # page's 404 (it then prompts again without the mask), and works where it was answered.
+        click = segment(a, None, image_id=shared_id, prompts=json.dumps([{"points": [[20, 20]]}]))
+        mask_id = record(click).json()["results"][0]["masks"][0]["mask_id"]
+        refine = json.dumps([{"points": [[20, 20]], "mask_id": mask_id}])
+        elsewhere = record(segment(b, None, image_id=shared_id, prompts=refine))
+        assert_problem(elsewhere, 404, "unknown_mask_id")
+        assert record(segment(a, None, image_id=shared_id, prompts=refine)).status_code == 200
 
         during = png_bytes(seed=43)
         first = record(segment(a, during))
@@ -346,7 +511,9 @@ def test_stopping_redis_degrades_to_local_caches(
         )
         assert record(segment(b, during)).status_code == 200
 
-        assert proxy_metric(a, 'proxy_shared_cache_errors_total{operation="load"}') >= 1
+        # Each proxy's first call to Redis in the outage, storing its answer's masks, failed.
+        for proxy in (a, b):
+            assert proxy_metric(proxy, 'proxy_shared_cache_errors_total{operation="store_masks"}')
         logged = two_proxies[0].log_path.read_text(errors="replace")
         assert "shared cache unavailable" in logged
     finally:

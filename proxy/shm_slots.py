@@ -3,9 +3,11 @@
 Over HTTP the decoder's logits (1 MB a prompt, 64 MB for one of segment everything's calls)
 are serialised, sent over the socket, read and parsed. With Triton's system shared memory the
 request names a POSIX shared-memory segment that Triton has mapped, and Triton writes the
-outputs there instead. The inputs stay on HTTP: with the embedding in shared memory too,
-Triton 2.51 held about one call in ten in its queue for half a second (a one-off probe of
-back-to-back one-click calls).
+outputs there instead. The inputs stay on HTTP (README, "The decoder's answers through
+shared memory where they can be"): a call whose embedding is in shared memory can reach
+Triton within a millisecond or two of its predecessor's answer, while the instance is still
+winding down, and with a bounded queue Triton's dynamic batcher may then wait its default
+500 ms for it.
 
 Whether Triton can map a segment is found out, not configured: registering one asks Triton to
 open it by its key, which works only where the two share /dev/shm (one host or one pod, not

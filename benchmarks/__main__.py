@@ -265,8 +265,11 @@ def run_int8() -> dict[str, Any]:
     return result
 
 
-def run_graph() -> dict[str, Any]:
-    return compare_first_layers(ExportTarget(assets.EXPORT_DIR, contract.DECODER_MODEL).onnx_path)
+def run_graph(run: Run) -> dict[str, Any]:
+    return compare_first_layers(
+        ExportTarget(assets.EXPORT_DIR, contract.DECODER_MODEL).onnx_path,
+        run.committed.configs[contract.DECODER_MODEL],
+    )
 
 
 def fast_profile(base: Variant) -> Variant:
@@ -375,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             "delay": lambda: run_delay(run) if plan.queue_delays_us else None,
             "batching": lambda: run_batching(run),
             "runtime": lambda: run_runtime(run),
-            "graph": lambda: run.section("graph", run_graph()),
+            "graph": lambda: run.section("graph", run_graph(run)),
             "int8": lambda: run.section("int8", run_int8()) if plan.int8 else None,
             "e2e": lambda: run_e2e(run),
         }

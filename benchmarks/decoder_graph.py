@@ -2,26 +2,27 @@
 
 model.onnx holds both forms of the first layer behind an If on the prompt count
 (`export/branching.py`). Here each branch is lifted out into a model of its own, and both
-run in this process with ONNX Runtime set up as the committed decoder runs it (two threads,
-sequential, memory arena on), in alternating trials (A B, B A, ...), at one prompt (a click)
-and at the prompts of one of segment everything's runtime calls. The report's "Defaults
-chosen from the data" sets their medians and ranges beside the committed
-`FOLD_FIRST_LAYER_UP_TO_PROMPTS`.
+run in this process through the served model's own ONNX Runtime runner (`runners.py` in
+the model repository) with the committed decoder's threads and memory arena, in alternating
+trials (A B, B A, ...), at one prompt (a click) and at the prompts of one of segment
+everything's runtime calls. The report's "Defaults chosen from the data" sets their medians
+and ranges beside the committed `FOLD_FIRST_LAYER_UP_TO_PROMPTS`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
-from benchmarks.common import THREADS
+from benchmarks.variants import SOURCE_REPOSITORY, ModelConfig, committed_variant
 from common import contract
 from export.branching import FOLD_FIRST_LAYER_UP_TO_PROMPTS
 
@@ -41,28 +42,28 @@ def branch_model(model: onnx.ModelProto, folded: bool) -> onnx.ModelProto:
     nodes = list(branch.node)
     for inner, outer in zip(branch.output, choice.output, strict=True):
         nodes.append(helper.make_node("Identity", [inner.name], [outer]))
+    used = {tensor for node in nodes for tensor in node.input}
     graph = helper.make_graph(
         nodes,
         name,
         list(model.graph.input),
         list(model.graph.output),
-        list(model.graph.initializer),
+        [weight for weight in model.graph.initializer if weight.name in used],  # its own only
     )
     standalone = helper.make_model(graph, opset_imports=list(model.opset_import))
     standalone.ir_version = model.ir_version
     return standalone
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+def served_runners(source: Path = SOURCE_REPOSITORY) -> ModuleType:
+    """The decoder's `runners.py`, loaded from the model repository (it needs no Triton)."""
+    path = source / contract.DECODER_MODEL / "1" / "runners.py"
+    spec = importlib.util.spec_from_file_location("served_runners", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def click_inputs(prompts: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -83,28 +84,41 @@ def click_inputs(prompts: int, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def compare_first_layers(decoder_onnx: Path, rounds: int = ROUNDS) -> dict[str, Any]:
-    """Per-call milliseconds of both branches, alternating, and how far their answers differ."""
+def compare_first_layers(
+    decoder_onnx: Path, config: ModelConfig | None = None, rounds: int = ROUNDS
+) -> dict[str, Any]:
+    """Per-call milliseconds of both branches, alternating, and how far their answers differ,
+    run as `config` (default: the committed decoder's) sets ONNX Runtime up."""
+    config = config or committed_variant().configs[contract.DECODER_MODEL]
+    if config.runtime != "onnxruntime":
+        raise ValueError(f"the decoder is served by {config.runtime}; this compares ONNX Runtime")
+    served_runner = served_runners().OnnxRuntimeRunner
     model = onnx.load(str(decoder_onnx))
-    sessions = {
-        form: _session(branch_model(model, folded=form == "folded"))
+    outputs = [output.name for output in model.graph.output]
+    runners = {
+        form: served_runner(
+            branch_model(model, folded=form == "folded").SerializeToString(),
+            config.threads,
+            "fp32",
+            arena=config.memory_arena == "true",
+        )
         for form in ("folded", "shared")
     }
     levels = []
     for prompts in (1, MANY_PROMPTS):
         feeds = click_inputs(prompts)
-        answers = {form: session.run(None, feeds) for form, session in sessions.items()}
+        answers = {form: runner.run(feeds, outputs) for form, runner in runners.items()}
         difference = max(
             float(np.abs(a - b).max())
             for a, b in zip(answers["folded"], answers["shared"], strict=True)
         )
-        trials: dict[str, list[float]] = {form: [] for form in sessions}
+        trials: dict[str, list[float]] = {form: [] for form in runners}
         for trial in range(rounds):
-            order = list(sessions) if trial % 2 == 0 else list(sessions)[::-1]
+            order = list(runners) if trial % 2 == 0 else list(runners)[::-1]
             for form in order:
                 started = time.perf_counter()
                 for _ in range(RUNS[prompts]):
-                    sessions[form].run(None, feeds)
+                    runners[form].run(feeds, outputs)
                 trials[form].append((time.perf_counter() - started) / RUNS[prompts] * 1000)
         levels.append(
             {
@@ -123,5 +137,6 @@ def compare_first_layers(decoder_onnx: Path, rounds: int = ROUNDS) -> dict[str, 
     return {
         "levels": levels,
         "committed_up_to_prompts": FOLD_FIRST_LAYER_UP_TO_PROMPTS,
-        "threads": THREADS,
+        "threads": config.threads,
+        "memory_arena": config.memory_arena == "true",
     }

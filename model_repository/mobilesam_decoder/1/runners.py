@@ -1,0 +1,1 @@
+../../mobilesam_encoder/1/runners.py

@@ -76,10 +76,14 @@ def median_row(rows: list[Results]) -> Results:
     return merged
 
 
-def spread(row: Results, key: str = "throughput_range", unit: str = "/s") -> str:
-    """`1.40/s (1.31-1.52 over 2 trials)`-style text for a median row."""
+def spread(
+    row: Results, key: str = "throughput_range", unit: str = "/s", value: float | None = None
+) -> str:
+    """`1.40/s (1.31-1.52 over 2 trials)`-style text for a median row (`value`: the median,
+    when the row does not hold Triton's throughput or compute figures)."""
     low, high = row.get(key, [None, None])
-    value = row["throughput"] if key == "throughput_range" else compute_ms(row)
+    if value is None:
+        value = row["throughput"] if key == "throughput_range" else compute_ms(row)
     text = f"{value:.2f}{unit}" if unit == "/s" else f"{value:.0f}{unit}"
     if row.get("trials", 1) > 1 and low is not None:
         fmt = "{:.2f}" if unit == "/s" else "{:.0f}"
@@ -540,11 +544,7 @@ def _first_layer_choice(graph: Results | None) -> Choice | None:
     one, many = levels[1], levels[max(levels)]
 
     def timing(row: Results, form: str) -> str:
-        low, high = row[form]["range_ms"]
-        return (
-            f"{row[form]['median_ms']:.0f} ms ({low:.0f}-{high:.0f} over "
-            f"{row[form]['trials']} trials)"
-        )
+        return spread(row[form], "range_ms", " ms", value=row[form]["median_ms"])
 
     def ratio(row: Results) -> float:  # > 1: folded is faster
         return row["shared"]["median_ms"] / row["folded"]["median_ms"]
